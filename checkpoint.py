@@ -1,0 +1,76 @@
+"""Checkpoints on disk: written atomically, the newest few kept, loaded without pickled code.
+
+A checkpoint is one torch.save'd dict of tensors, numbers, strings, lists and dicts, so
+torch.load(weights_only=True) can read it. Its keys: format, step, model, optimizer,
+model_args, config, tokenizer, data, rng (see train.py's checkpoint_state).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from config import UserError
+
+FORMAT = 1  # raised whenever the layout of a checkpoint changes
+PATTERN = "ckpt_*.pt"
+
+
+def paths(out_dir):
+    """The checkpoint files in out_dir, newest (highest step) first."""
+    return sorted(Path(out_dir).glob(PATTERN), reverse=True)
+
+
+def save(state, out_dir, keep):
+    """Write state as out_dir/ckpt_<step>.pt, then delete all but the newest keep checkpoints.
+
+    The file is written beside its final name, flushed to disk and renamed, so a crash at any
+    moment leaves either the old set of checkpoints or the new one, never a half-written file
+    under a checkpoint's name.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / f"ckpt_{state['step']:08d}.pt"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    for old in paths(out_dir)[keep:]:
+        old.unlink()
+    return path
+
+
+def load(path):
+    """The checkpoint at path, checked for its format; UserError if it cannot be used."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated or corrupt") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise UserError(f"checkpoint {path} has format {found}, this code reads format {FORMAT}: "
+                        "use the version of the code that wrote it, or train anew")
+    return state
+
+
+def load_newest(out_dir):
+    """(path, state) of the newest readable checkpoint in out_dir, or None if there is none.
+
+    An unreadable one is reported and the one before it is tried; if every one is unreadable,
+    that is an error."""
+    found = paths(out_dir)
+    for path in found:
+        try:
+            return path, load(path)
+        except UserError as e:
+            print(f"warning: {e}; trying the one before it", file=sys.stderr)
+    if found:
+        raise UserError(f"no intact checkpoint in {out_dir}: start a fresh run with --resume=False")
+    return None

@@ -1,0 +1,111 @@
+"""Every setting of train.py and sample.py, as a commented constant. Edit this file, or
+override any constant for one run from the command line, in lower case:
+
+    python train.py --max_steps=500 --dataset ../shared/data/tinystories
+    python sample.py --greedy --prompt "Once upon a time"
+"""
+
+# --- data ---
+DATASET = "roneneldan/TinyStories"  # a hub dataset, a local folder in the hub's layout, or a .txt/.jsonl/.parquet file
+TOKENIZER_STORIES = 10_000  # the vocabulary is every character in this many first training stories
+HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training story is held out to validate on
+
+# --- model ---
+BLOCK_SIZE = 128  # characters of context
+N_LAYER = 1  # transformer blocks
+N_HEAD = 4  # attention heads per block
+N_EMBD = 128  # width of the residual stream
+DROPOUT = 0.0  # dropout probability in training
+
+# --- training ---
+MAX_STEPS = 3000  # optimizer steps in all; may be raised on resume to train longer
+BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per step
+LEARNING_RATE = 3e-3  # peak learning rate, reached after warmup
+MIN_LR = 3e-4  # the cosine decay ends here at MAX_STEPS
+WARMUP_STEPS = 100  # linear warmup from 0 to LEARNING_RATE
+WEIGHT_DECAY = 0.1  # AdamW decay on matrices and embeddings (not biases or norms)
+BETA1 = 0.9  # AdamW first-moment decay
+BETA2 = 0.99  # AdamW second-moment decay
+GRAD_CLIP = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
+SEED = 1337  # seeds the weights, dropout and sampling
+DEVICE = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+COMPILE = False  # torch.compile the model (CUDA and CPU; ignored on MPS)
+
+# --- evaluation and progress ---
+LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every this many steps
+EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
+EVAL_ITERS = 20  # validation batches, the same text every time
+EVAL_ONLY = False  # evaluate the newest checkpoint on DATASET's validation split, then exit
+
+# --- checkpoints ---
+OUT_DIR = "checkpoints"  # checkpoints and metrics.jsonl go here
+CHECKPOINT_INTERVAL = 500  # save every this many steps, and at the end
+KEEP_CHECKPOINTS = 2  # the newest this many checkpoints are kept
+RESUME = True  # continue from the newest checkpoint in OUT_DIR; False starts fresh and replaces them
+
+# --- sampling (sample.py) ---
+PROMPT = "Once upon a time"  # the text to continue; empty starts a new story
+CHECKPOINT = ""  # a checkpoint file; empty takes the newest in OUT_DIR
+MAX_NEW_TOKENS = 500  # characters to generate at most
+NUM_SAMPLES = 1  # samples drawn in one batch
+GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
+TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
+TOP_K = 20  # sample among the k likeliest characters only; 0 means all
+IGNORE_EOS = False  # keep going past the end-of-story token
+
+DEBUG = False  # show the full traceback instead of a one-line error
+
+
+class UserError(Exception):
+    """A problem the user can fix: the scripts print it as one line, without a traceback."""
+
+
+def load(argv):
+    """The settings as a dict of lower-case names, with --key=value (or --key value) overrides
+    from argv applied; a bare --flag sets a True/False setting to True."""
+    import difflib
+
+    settings = {k.lower(): v for k, v in globals().items() if k.isupper()}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings are given as --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_").lower()
+        if key not in settings:
+            close = difflib.get_close_matches(key, settings, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else "; the settings are in config.py"
+            raise UserError(f"unknown setting --{key}{hint}")
+        if not eq:
+            if isinstance(settings[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            else:
+                raise UserError(f"--{key} needs a value, as in --{key}=VALUE")
+        settings[key] = _convert(key, value, settings[key])
+        i += 1
+    return settings
+
+
+def _convert(key, value, default):
+    """value (a string) as the type of the setting's default."""
+    kind = type(default)
+    if kind is bool:
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"--{key} takes True or False, not {value!r}")
+    if kind is str:
+        return value
+    try:
+        if kind is int:
+            number = float(value)  # accepts 1e4 and 5_000 as well as 5000
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return kind(value)
+    except ValueError:
+        raise UserError(f"--{key} takes a{'n' if kind is int else ''} {kind.__name__}, not {value!r}") from None

@@ -1,0 +1,190 @@
+"""The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
+LayerNorm and an untied linear head. Plain nn.Module, no framework.
+
+Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
+kernel on CPU and GPU. Sampling keeps a key/value cache so each new character costs one
+position's worth of work instead of the whole context.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128  # characters of context
+    n_layer: int = 1
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one product
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            if kv_cache[layer] is not None:
+                past_k, past_v = kv_cache[layer]
+                k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+            kv_cache[layer] = (k, v)
+        # A single new query may look at every cached key; a whole sequence needs the causal mask.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits for every position when training (targets given), else for the last one only.
+
+        kv_cache: None, or a list with one entry per block that sampling reads and extends; the
+        positions of idx then follow on from what the cache already holds.
+        """
+        B, T = idx.shape
+        start = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
+        assert start + T <= self.config.block_size, "sequence longer than block_size"
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1, :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def optimizer(self, learning_rate, weight_decay, betas, device_type):
+        """AdamW with weight decay on the matrices and embeddings only, not on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
+                 generator=None, use_cache=True):
+        """Continue each row of idx (B, T) by up to max_new_tokens; returns one list of new ids per row.
+
+        temperature 0 is greedy decoding; top_k > 0 samples among the k likeliest only. A row stops at
+        eos_id. Past block_size the context slides: with the cache, when it is full it is rebuilt from
+        the last block_size // 2 characters, so every step sees at least that many and the cost per
+        character stays flat; without it every step reruns the last block_size characters.
+        """
+        T = self.config.block_size
+        cache = [None] * self.config.n_layer if use_cache else None
+        logits, _ = self(idx[:, -T:], kv_cache=cache)
+        out = [[] for _ in range(idx.size(0))]
+        done = torch.zeros(idx.size(0), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            next_id = pick(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, next_id.to(idx.device)), dim=1)
+            for row, token in enumerate(next_id[:, 0].tolist()):
+                if not done[row]:
+                    out[row].append(token)
+                    done[row] = token == eos_id
+            if done.all():
+                break
+            if not use_cache:
+                logits, _ = self(idx[:, -T:])
+            elif cache[0][0].size(2) == T:
+                cache = [None] * self.config.n_layer
+                logits, _ = self(idx[:, -(T // 2):], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+        return out
+
+
+def pick(logits, temperature, top_k, generator=None):
+    """The next id for each row of logits (B, vocab), as a (B, 1) tensor on the CPU."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Drawn on the CPU: reproducible across devices, and torch.multinomial on MPS can return
+    # out-of-range indices.
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def pick_device(name):
+    """torch.device for a DEVICE setting: auto takes cuda, else mps, else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

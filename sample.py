@@ -1,0 +1,83 @@
+"""Continue a prompt with a trained model: greedy, or top-k sampling with a temperature.
+
+    python sample.py --prompt "Once upon a time"
+    python sample.py --greedy --max_new_tokens=300
+    python sample.py --num_samples=4 --top_k=10 --temperature=0.9 --seed=7
+
+Loads the newest checkpoint in --out_dir (default checkpoints) or --checkpoint=PATH, and
+runs on cuda, else mps, else cpu (--device to choose). The prompt and its continuation go
+to stdout and nothing else does; notes and warnings go to stderr. Every setting is in
+config.py under "sampling".
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import config
+from config import UserError
+from model import GPT, GPTConfig, pick_device
+from tokenizer import EOS, Tokenizer
+
+
+def load_model(cfg, device):
+    """(model, tokenizer) from --checkpoint, or the newest checkpoint in --out_dir."""
+    if cfg["checkpoint"]:
+        if not Path(cfg["checkpoint"]).is_file():
+            raise UserError(f"no checkpoint file {cfg['checkpoint']}: check the path, or leave --checkpoint "
+                            f"out to take the newest in --out_dir")
+        state = checkpoint.load(cfg["checkpoint"])
+    else:
+        found = checkpoint.load_newest(cfg["out_dir"])
+        if found is None:
+            raise UserError(f"no checkpoint in {Path(cfg['out_dir']).resolve()}: train one with "
+                            "`python train.py`, or pass --out_dir=DIR or --checkpoint=PATH")
+        state = found[1]
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), Tokenizer.from_state_dict(state["tokenizer"])
+
+
+def main(argv):
+    cfg = config.load(argv)
+    if cfg["temperature"] < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more, not {cfg['temperature']}")
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:
+        raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
+    device = pick_device(cfg["device"])
+    model, tokenizer = load_model(cfg, device)
+    if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:
+        raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size}, or 0 for all")
+
+    prompt = cfg["prompt"]
+    ids = tokenizer.encode(prompt)
+    if tokenizer.unknown:
+        print(f"warning: the prompt has characters outside the vocabulary, read as unknown: "
+              f"{''.join(tokenizer.unknown)!r}", file=sys.stderr)
+    context = [EOS] + ids  # a story starts after an end-of-story token, as in training
+    block_size = model.config.block_size
+    if len(context) > block_size:
+        print(f"note: the prompt is longer than the model's {block_size}-character context; "
+              f"it continues from the last {block_size} characters", file=sys.stderr)
+        context = context[-block_size:]
+
+    temperature = 0.0 if cfg["greedy"] else cfg["temperature"]
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    idx = torch.tensor([context] * cfg["num_samples"], dtype=torch.long, device=device)
+    outs = model.generate(idx, cfg["max_new_tokens"], temperature, cfg["top_k"],
+                          eos_id=None if cfg["ignore_eos"] else EOS, generator=generator)
+    texts = [prompt + tokenizer.decode(out[:-1] if out and out[-1] == EOS and not cfg["ignore_eos"] else out)
+             for out in outs]
+    print("\n---\n".join(texts))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

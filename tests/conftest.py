@@ -1,0 +1,49 @@
+"""Shared fixtures: a small generated TinyStories-like dataset in the hub's layout, written to a
+temporary folder, so the tests need neither the network nor ../shared."""
+
+import random
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Zoé", "Tim"]
+ANIMALS = ["cat", "dog", "bird", "frog", "bear", "fish"]
+PLACES = ["park", "garden", "forest", "house", "river", "school"]
+THINGS = ["ball", "kite", "box", "hat", "cake", "boat"]
+
+
+def make_story(rng):
+    name, friend = rng.sample(NAMES, 2)
+    animal, place, thing = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(THINGS)
+    return (f"Once upon a time, there was a little {animal} named {name}. {name} liked to play in the "
+            f"{place}.\nOne day, {name} found a big {thing}. \"Look!\" said {name}. {friend} came to see "
+            f"the {thing}, and they played all day. They were very happy.")
+
+
+def make_stories(n, seed):
+    rng = random.Random(seed)
+    return [make_story(rng) for _ in range(n)]
+
+
+def write_hub_layout(folder, n_train=300, n_val=40):
+    """A dataset folder as the hub lays one out: data/train-*.parquet and data/validation-*.parquet."""
+    data = Path(folder) / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"text": make_stories(n_train, 0)}), data / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": make_stories(n_val, 1)}), data / "validation-00000-of-00001.parquet")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def stories_dir(tmp_path_factory):
+    return write_hub_layout(tmp_path_factory.mktemp("tinystories"))
+
+
+# A model small enough that a training step takes milliseconds on a CPU.
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--warmup_steps=2", "--learning_rate=3e-3"]

@@ -1,0 +1,73 @@
+"""The GPT module: its size, and decoding with and without the key/value cache."""
+
+import torch
+
+from model import GPT, GPTConfig, pick
+
+
+def small_model(block_size=16, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=20, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def test_default_model_has_the_reference_parameter_count():
+    assert GPT(GPTConfig(vocab_size=94)).num_params() == 238_976
+
+
+def test_training_forward_returns_logits_for_every_position_and_a_loss():
+    model = small_model()
+    idx = torch.randint(0, 20, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 20)
+    assert abs(loss.item() - torch.log(torch.tensor(20.0)).item()) < 0.5  # near uniform at init
+
+
+def test_cached_greedy_output_equals_uncached_within_block_size():
+    model = small_model()
+    idx = torch.randint(0, 20, (2, 3))
+    cached = model.generate(idx, 13, temperature=0, use_cache=True)
+    uncached = model.generate(idx, 13, temperature=0, use_cache=False)
+    assert cached == uncached
+    assert len(cached[0]) == 13
+
+
+def test_generation_continues_past_block_size():
+    model = small_model(block_size=8)
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0)
+    assert len(out[0]) == 50
+
+
+def test_greedy_decoding_is_deterministic():
+    model = small_model()
+    idx = torch.randint(0, 20, (1, 4))
+    assert model.generate(idx, 30, temperature=0) == model.generate(idx, 30, temperature=0)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = small_model()
+    idx = torch.randint(0, 20, (1, 4))
+    runs = [model.generate(idx, 30, temperature=1.0, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_top_k_never_picks_outside_the_k_likeliest():
+    logits = torch.randn(64, 20)
+    allowed = torch.topk(logits, 3).indices
+    for seed in range(20):
+        picked = pick(logits, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert (picked == allowed).any(dim=1).all()
+
+
+def test_a_batch_of_samples_gives_one_continuation_per_row():
+    model = small_model()
+    idx = torch.zeros(5, 1, dtype=torch.long)
+    out = model.generate(idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert len(out) == 5 and all(len(row) == 10 for row in out)
+    assert len({tuple(row) for row in out}) > 1  # the rows are sampled independently
+
+
+def test_a_row_stops_at_the_end_of_story_token():
+    model = small_model()
+    eos = model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)[0][0]  # the greedy first pick
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0, eos_id=eos)
+    assert out == [[eos]]

@@ -1,0 +1,117 @@
+"""train.py end to end on a small generated dataset: training, evaluation, checkpoints, exact resume."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from config import UserError
+from conftest import TINY
+
+
+def run(stories_dir, out_dir, *extra):
+    train.main([f"--dataset={stories_dir}", f"--out_dir={out_dir}", *TINY, *extra])
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_metrics_and_a_checkpoint(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=30", "--eval_interval=15")
+    out = capsys.readouterr().out
+    assert "step 30/30 | loss" in out and "char/s" in out and "ETA" in out and "bits/char" in out
+    rows = metrics(tmp_path)
+    logs = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in logs] == list(range(1, 31))
+    assert set(logs[0]) == {"step", "loss", "lr", "tokens_per_sec", "elapsed_s"}
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+    assert logs[-1]["loss"] < logs[0]["loss"] - 0.5
+    assert [p.name for p in checkpoint.paths(tmp_path)] == ["ckpt_00000030.pt"]
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(stories_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--max_steps=16", "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
+            "--dropout=0.1"]  # dropout draws random numbers, so the RNG state must resume too
+    run(stories_dir, straight, *args)
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000008.pt", resumed)  # as if the run had stopped at step 8
+    run(stories_dir, resumed, *args)
+
+    losses = {r["step"]: r["loss"] for r in metrics(straight) if "loss" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in metrics(resumed) if "loss" in r}
+    assert list(resumed_losses) == list(range(9, 17))
+    assert all(resumed_losses[s] == losses[s] for s in resumed_losses)  # bit for bit, not approximately
+    a, b = checkpoint.load(straight / "ckpt_00000016.pt"), checkpoint.load(resumed / "ckpt_00000016.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["data"] == b["data"]
+
+
+def test_the_checkpoint_holds_the_whole_training_state(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=3")
+    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    assert state["step"] == 3
+    assert {"model", "optimizer", "model_args", "config", "tokenizer", "data", "rng"} <= set(state)
+    assert state["optimizer"]["state"]  # AdamW moments
+    assert state["data"]["dataset"]["epoch"] == 0 and len(state["data"]["buffer"]) > 0
+    assert state["config"]["max_steps"] == 3 and state["model_args"]["n_embd"] == 32
+
+
+def test_raising_max_steps_on_resume_trains_on(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=4")
+    run(stories_dir, tmp_path, "--max_steps=6")
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_run_says_how_to_train_longer(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=2")
+    run(stories_dir, tmp_path, "--max_steps=2")
+    assert "raise --max_steps" in capsys.readouterr().out
+
+
+def test_resume_false_starts_afresh(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=4")
+    run(stories_dir, tmp_path, "--max_steps=2", "--resume=False")
+    assert "starting fresh" in capsys.readouterr().out
+    assert [p.name for p in checkpoint.paths(tmp_path)] == ["ckpt_00000002.pt"]
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2")
+    with pytest.raises(UserError, match="n_embd=32, the config asks for n_embd=64"):
+        run(stories_dir, tmp_path, "--max_steps=4", "--n_embd=64")
+
+
+def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=5")
+    final = [r for r in metrics(tmp_path) if "val_loss" in r][-1]
+    capsys.readouterr()
+    run(stories_dir, tmp_path, "--eval_only=True")
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out == f"val_loss={final['val_loss']:.4f} val_bpc={final['val_bpc']:.4f}"
+
+
+def test_eval_only_without_a_checkpoint_is_an_error(stories_dir, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint to evaluate"):
+        run(stories_dir, tmp_path, "--eval_only")
+
+
+def test_only_the_newest_checkpoints_are_kept(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=6", "--checkpoint_interval=1", "--keep_checkpoints=2")
+    assert [p.name for p in checkpoint.paths(tmp_path)] == ["ckpt_00000006.pt", "ckpt_00000005.pt"]
+
+
+def test_a_dataset_without_validation_split_holds_out_training_stories(tmp_path, capsys):
+    from conftest import make_stories
+    data = tmp_path / "stories.txt"
+    data.write_text("\n<|endoftext|>\n".join(make_stories(60, 0)))
+    run(data, tmp_path / "out", "--max_steps=2")
+    assert "every 20th training story is held out" in capsys.readouterr().out

@@ -1,0 +1,376 @@
+"""Train the character-level GPT on TinyStories, streamed.
+
+    python train.py                                        # roneneldan/TinyStories from the hub
+    python train.py --dataset=../shared/data/tinystories   # a local copy in the hub's layout
+
+Every setting is a constant in config.py and can be overridden for one run as --key=value.
+A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current step,
+saves a checkpoint and exits; the same command then continues exactly where it stopped.
+"""
+
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import torch
+
+import checkpoint
+import config
+from config import UserError
+from model import GPT, GPTConfig, pick_device
+from tokenizer import EOS, Tokenizer
+
+SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd")  # a checkpoint's must match to resume it
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_split(dataset, split):
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such."""
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
+                            "--dataset at a folder in the hub's layout")
+        # A .txt file is read by line so that a large one never sits in memory whole.
+        extra = {"sample_by": "line", "keep_linebreaks": True} if path.suffix == ".txt" else {}
+        splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True, **extra)
+    else:
+        splits = datasets.load_dataset(str(path) if path.is_dir() else dataset, streaming=True)
+    return splits.get(split)
+
+
+def is_line_based(dataset):
+    """True where rows are lines of a .txt file rather than whole stories."""
+    return Path(dataset).suffix == ".txt" and Path(dataset).is_file()
+
+
+def split_stories(text, lines):
+    """(the complete stories in text, the unfinished rest). A row of a dataset ends its last
+    story; a line of a .txt file does not, only the separator does."""
+    parts = text.split(SEPARATOR)
+    rest = parts.pop() if lines else ""
+    return [s.strip() for s in parts if s.strip()], rest
+
+
+def first_stories(ds, lines, n):
+    """The first n stories of a split, to build the vocabulary from."""
+    stories, rest, rows = [], "", iter(ds)
+    for row in rows:
+        complete, rest = split_stories(rest + row["text"], lines)
+        stories += complete
+        if len(stories) >= n:
+            break
+    rows.close()  # a stream left open complains at exit
+    return (stories + [rest.strip()])[:n] if rest.strip() else stories[:n]
+
+
+class EmptyData(UserError):
+    pass
+
+
+class Batches:
+    """Endless (x, y) batches from one split, resumable.
+
+    The stories are joined as EOS story EOS story ..., and each batch is the next batch_size
+    windows of block_size + 1 ids, so every character lands in exactly one window. At the end
+    of the data the stream starts over: the next epoch. keep(i), if given, says whether the
+    i-th story of an epoch is used (a held-out validation set takes the rest).
+
+    The state is the dataset's own stream position (its state_dict) plus what has been read
+    and not yet batched: the ids in the buffer and the unfinished part of a story.
+    """
+
+    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None):
+        self.ds, self.tokenizer, self.lines, self.keep = ds, tokenizer, lines, keep
+        self.size = (batch_size, block_size + 1)
+        self.start = ds.state_dict()  # where every epoch begins
+        self.rows = None
+        self.buffer, self.rest, self.epoch, self.story, self.epoch_ids = [], "", 0, 0, 0
+
+    def __next__(self):
+        n = self.size[0] * self.size[1]
+        while len(self.buffer) < n:
+            self._read_row()
+        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(self.size)
+        del self.buffer[:n]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def _read_row(self):
+        if self.rows is None:
+            self.rows = iter(self.ds)
+        row = next(self.rows, None)
+        if row is None:  # the end of the data: finish its last story, begin the next epoch
+            self._add(self.rest)
+            if self.epoch_ids == 0:
+                raise EmptyData("the data holds no text to train on")
+            self.rows, self.rest, self.story, self.epoch_ids = None, "", 0, 0
+            self.epoch += 1
+            self.ds.load_state_dict(self.start)
+            return
+        if "text" not in row:
+            raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
+                            "rename the column that holds the stories to 'text'")
+        stories, self.rest = split_stories(self.rest + row["text"], self.lines)
+        for story in stories:
+            self._add(story)
+
+    def _add(self, story):
+        story = story.strip()
+        if not story:
+            return
+        self.story += 1
+        if self.keep is None or self.keep(self.story - 1):
+            ids = [EOS] + self.tokenizer.encode(story)
+            self.buffer.extend(ids)
+            self.epoch_ids += len(ids)
+
+    def close(self):
+        if self.rows is not None:
+            self.rows.close()
+
+    def state_dict(self):
+        return {"dataset": self.ds.state_dict(), "buffer": list(self.buffer), "rest": self.rest,
+                "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
+
+    def load_state_dict(self, state):
+        self.ds.load_state_dict(state["dataset"])
+        self.buffer, self.rest = list(state["buffer"]), state["rest"]
+        self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
+
+
+def validation_batches(cfg, tokenizer):
+    """(the EVAL_ITERS batches every evaluation uses, the same text each time; whether they were
+    held out of the training split because the data has no validation split)."""
+    lines, every = is_line_based(cfg["dataset"]), cfg["holdout_every"]
+    ds, keep = open_split(cfg["dataset"], "validation"), None
+    if ds is None:
+        print(f"note: no validation split; every {every}th training story is held out to validate on")
+        ds, keep = open_split(cfg["dataset"], "train"), lambda i: i % every == every - 1
+    batches = Batches(ds, tokenizer, cfg["batch_size"], cfg["block_size"], lines, keep)
+    try:
+        return [next(batches) for _ in range(cfg["eval_iters"])], keep is not None
+    except EmptyData:
+        if keep is None:
+            raise EmptyData("the validation split holds no text") from None
+        print(f"note: fewer than {every} training stories: validating on the training text itself")
+        batches = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"], lines)
+        return [next(batches) for _ in range(cfg["eval_iters"])], False
+    finally:
+        batches.close()
+
+
+# ----------------------------------------------------------------------------- training
+
+def learning_rate(step, cfg):
+    """Linear warmup to LEARNING_RATE, then cosine decay to MIN_LR at MAX_STEPS."""
+    if step < cfg["warmup_steps"]:
+        return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Mean validation loss in nats per character."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Metrics:
+    """OUT_DIR/metrics.jsonl: one JSON object per progress line and per evaluation."""
+
+    def __init__(self, out_dir, resume_step):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if self.path.exists():  # drop what a stopped run logged after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
+    return {
+        "format": checkpoint.FORMAT,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_args": asdict(model.config),
+        "config": cfg,
+        "tokenizer": tokenizer.state_dict(),
+        "data": batches.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+    }
+
+
+def check_resumable(state, path, cfg):
+    """Refuse a checkpoint that this config cannot continue, saying what differs."""
+    for key in MODEL_KEYS:
+        if state["model_args"][key] != cfg[key]:
+            raise UserError(f"{path} holds a model with {key}={state['model_args'][key]}, the config asks for "
+                            f"{key}={cfg[key]}: pass --{key}={state['model_args'][key]} to resume it, or "
+                            "--out_dir=<new folder> to train a new model")
+    if state["config"]["dataset"] != cfg["dataset"] and not cfg["eval_only"]:
+        raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
+                        f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
+
+
+def main(argv):
+    cfg = config.load(argv)
+    device = pick_device(cfg["device"])
+    out_dir = Path(cfg["out_dir"])
+    found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
+    if found:
+        path, state = found
+        check_resumable(state, path, cfg)
+        tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
+    elif cfg["eval_only"]:
+        raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
+    else:
+        state = None
+        train_ds = open_split(cfg["dataset"], "train")
+        if train_ds is None:
+            raise UserError(f"{cfg['dataset']} has no train split")
+        tokenizer = Tokenizer.from_texts(first_stories(train_ds, is_line_based(cfg["dataset"]),
+                                                       cfg["tokenizer_stories"]))
+
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    val_batches, held_out = validation_batches(cfg, tokenizer)
+    if cfg["eval_only"]:
+        model.load_state_dict(state["model"])
+        val_loss = evaluate(model, val_batches, device, autocast)
+        print(f"val_loss={val_loss:.4f} val_bpc={val_loss / math.log(2):.4f}")
+        return
+
+    optimizer = model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type)
+    every = cfg["holdout_every"]
+    batches = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"],
+                      is_line_based(cfg["dataset"]), (lambda i: i % every != every - 1) if held_out else None)
+    step = 0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step = state["step"]
+        print(f"resuming from {path} at step {step} (--resume=False starts afresh)")
+    elif checkpoint.paths(out_dir):
+        print(f"starting fresh: removing the checkpoints in {out_dir}")
+        for old in checkpoint.paths(out_dir):
+            old.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(out_dir, step)
+    if step >= cfg["max_steps"]:
+        print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
+        return
+
+    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size}, device {device}")
+    chars_per_step = cfg["batch_size"] * cfg["block_size"]
+    train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
+
+    stop = []  # the signal that asked to stop, once one has
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
+    val_loss = None
+    try:
+        while step < cfg["max_steps"] and not stop:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next(batches)
+            with autocast:
+                _, loss = train_model(x.to(device), y.to(device))
+            loss.backward()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+                loss = loss.item()
+                now = time.time()
+                train_time += now - log_time
+                rate = chars_per_step * (step - log_step) / (now - log_time)
+                eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
+                print(f"step {step}/{cfg['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} char/s "
+                      f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
+                metrics.log(step=step, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
+                log_step, log_time = step, time.time()
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
+                eval_started = time.time()
+                val_loss = evaluate(model, val_batches, device, autocast)
+                print(f"step {step}: val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char)")
+                metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2))
+                log_time += time.time() - eval_started  # evaluation is not training time
+            if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
+                saved = checkpoint.save(checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device),
+                                        out_dir, cfg["keep_checkpoints"])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        batches.close()
+
+    report = tokenizer.unknown_report()
+    if report:
+        print(f"note: {report}")
+    if stop:
+        print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
+        return
+    elapsed = time.time() - started
+    print(f"done: {step - first_step} steps in {format_time(elapsed)}, "
+          f"{chars_per_step * (step - first_step) / elapsed:,.0f} char/s overall; "
+          f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

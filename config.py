@@ -19,6 +19,7 @@ DROPOUT = 0.0  # dropout probability in training
 
 # --- training ---
 MAX_STEPS = 3000  # optimizer steps in all; may be raised on resume to train longer
+STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per step
 LEARNING_RATE = 3e-3  # peak learning rate, reached after warmup
 MIN_LR = 3e-4  # the cosine decay ends here at MAX_STEPS

@@ -102,6 +102,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def flops_per_char(self):
+        """Floating-point operations to train on one character, forward and backward: 6 per weight
+        of every matrix product, plus attention's scores and weighted sum over the full context (as
+        nanoGPT and the PaLM paper count them)."""
+        matrix_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.config
+        return 6 * matrix_weights + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(self, idx, targets=None, kv_cache=None):
         """Logits for every position when training (targets given), else for the last one only.
 
@@ -119,7 +127,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1, :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def optimizer(self, learning_rate, weight_decay, betas, device_type):
@@ -145,7 +153,7 @@ class GPT(nn.Module):
         cache = [None] * self.config.n_layer if use_cache else None
         logits, _ = self(idx[:, -T:], kv_cache=cache)
         out = [[] for _ in range(idx.size(0))]
-        done = torch.zeros(idx.size(0), dtype=torch.bool)
+        done = [False] * idx.size(0)
         for _ in range(max_new_tokens):
             next_id = pick(logits, temperature, top_k, generator)
             idx = torch.cat((idx, next_id.to(idx.device)), dim=1)
@@ -153,7 +161,7 @@ class GPT(nn.Module):
                 if not done[row]:
                     out[row].append(token)
                     done[row] = token == eos_id
-            if done.all():
+            if all(done):
                 break
             if not use_cache:
                 logits, _ = self(idx[:, -T:])
@@ -170,13 +178,12 @@ def pick(logits, temperature, top_k, generator=None):
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
     # Drawn on the CPU: reproducible across devices, and torch.multinomial on MPS can return
     # out-of-range indices.
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    choice = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
+    return ids.gather(1, choice) if top_k else choice
 
 
 def pick_device(name):

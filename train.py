@@ -8,6 +8,7 @@ A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current
 saves a checkpoint and exits; the same command then continues exactly where it stopped.
 """
 
+import bisect
 import json
 import math
 import random
@@ -32,6 +33,7 @@ from tokenizer import EOS, Tokenizer
 SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd")  # a checkpoint's must match to resume it
+PAD = -1  # fills the end of a window that the next story does not fit in; ignored by the loss
 
 
 # ----------------------------------------------------------------------------- data
@@ -87,7 +89,10 @@ class Batches:
     """Endless (x, y) batches from one split, resumable.
 
     The stories are joined as EOS story EOS story ..., and each batch is the next batch_size
-    windows of block_size + 1 ids, so every character lands in exactly one window. At the end
+    windows of block_size + 1 ids, so every character lands in exactly one window. A story short
+    enough to fit in a window is never cut in two: if it would be, the rest of the window is
+    padding and the story starts the next one, so short texts are learned whole from their
+    first character (padding is never a target). At the end
     of the data the stream starts over: the next epoch. keep(i), if given, says whether the
     i-th story of an epoch is used (a held-out validation set takes the rest).
 
@@ -108,7 +113,7 @@ class Batches:
             self._read_row()
         chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(self.size)
         del self.buffer[:n]
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
 
     def _read_row(self):
         if self.rows is None:
@@ -136,6 +141,9 @@ class Batches:
         self.story += 1
         if self.keep is None or self.keep(self.story - 1):
             ids = [EOS] + self.tokenizer.encode(story)
+            used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
+            if len(ids) <= self.size[1] < used + len(ids):
+                self.buffer.extend([PAD] * (self.size[1] - used))
             self.buffer.extend(ids)
             self.epoch_ids += len(ids)
 
@@ -176,11 +184,12 @@ def validation_batches(cfg, tokenizer):
 
 # ----------------------------------------------------------------------------- training
 
-def learning_rate(step, cfg):
-    """Linear warmup to LEARNING_RATE, then cosine decay to MIN_LR at MAX_STEPS."""
+def learning_rate(step, steps, cfg):
+    """The rate at step of a stage of steps steps (the whole run when it has no stages): linear
+    warmup to LEARNING_RATE, then cosine decay to MIN_LR at the stage's end."""
     if step < cfg["warmup_steps"]:
         return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
-    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"]))
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, steps - cfg["warmup_steps"]))
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
@@ -194,6 +203,17 @@ def evaluate(model, batches, device, autocast):
             losses.append(model(x.to(device), y.to(device))[1].item())
     model.train()
     return sum(losses) / len(losses)
+
+
+def matmul_rate(device, n=2048):
+    """The float32 matrix-product rate of device in FLOP/s: the yardstick of MFU."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        (a @ b).sum().item()  # .item() waits for an asynchronous device to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
 def format_time(seconds):
@@ -217,9 +237,12 @@ class Metrics:
 
 
 def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
+    stage = bisect.bisect_left(stage_starts(cfg), step) - 1  # the stage of the last step taken
     return {
         "format": checkpoint.FORMAT,
         "step": step,
+        "stage": stage + 1,
+        "stage_step": step - stage_starts(cfg)[stage],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "model_args": asdict(model.config),
@@ -229,6 +252,11 @@ def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
     }
+
+
+def stage_starts(cfg):
+    """The step each stage starts at: [0] without stages, [0, 30] for --stages=30,30."""
+    return [sum(cfg["stages"][:i]) for i in range(len(cfg["stages"]))]
 
 
 def check_resumable(state, path, cfg):
@@ -243,8 +271,46 @@ def check_resumable(state, path, cfg):
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
 
 
-def main(argv):
+def settings(argv):
+    """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
     cfg = config.load(argv)
+    positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "learning_rate",
+                "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints",
+                "tokenizer_stories", "holdout_every"]
+    for key in positive:
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive, not {cfg[key]}")
+    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key} must not be negative, not {cfg[key]}")
+    if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
+        raise UserError("--dropout, --beta1 and --beta2 must be at least 0 and below 1")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"--n_embd={cfg['n_embd']} does not split into --n_head={cfg['n_head']} heads: "
+                        "make n_embd a multiple of n_head")
+    if cfg["stages"]:
+        try:
+            stages = [int(s) for s in cfg["stages"].split(",")]
+        except ValueError:
+            raise UserError(f"--stages takes step counts separated by commas, as in --stages=30,30, "
+                            f"not {cfg['stages']!r}") from None
+        if min(stages) <= 0:
+            raise UserError(f"every stage needs at least one step: --stages={cfg['stages']}")
+        if cfg["max_steps"] not in (config.MAX_STEPS, sum(stages)):
+            raise UserError(f"--stages={cfg['stages']} adds up to {sum(stages)} steps but --max_steps is "
+                            f"{cfg['max_steps']}: leave --max_steps out, or make the two agree")
+        cfg["stages"], cfg["max_steps"] = stages, sum(stages)
+    else:
+        cfg["stages"] = [cfg["max_steps"]]
+    if cfg["warmup_steps"] > min(cfg["stages"]):
+        raise UserError(f"--warmup_steps={cfg['warmup_steps']} is longer than the "
+                        f"{'shortest stage' if len(cfg['stages']) > 1 else 'run'} ({min(cfg['stages'])} steps): "
+                        "lower --warmup_steps")
+    return cfg
+
+
+def main(argv):
+    cfg = settings(argv)
     device = pick_device(cfg["device"])
     out_dir = Path(cfg["out_dir"])
     found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
@@ -311,11 +377,19 @@ def main(argv):
         print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    starts = stage_starts(cfg)
+    staged = {"stage": 0} if len(starts) > 1 else {}  # shown only when there are stages
     first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
     val_loss = None
     try:
         while step < cfg["max_steps"] and not stop:
-            lr = learning_rate(step, cfg)
+            stage = bisect.bisect_right(starts, step) - 1
+            if step == starts[stage] and step > 0:
+                # A stage boundary: same weights, fresh AdamW moments and a restarted schedule.
+                optimizer = model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                                            device.type)
+                print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
+            lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next(batches)
@@ -334,9 +408,12 @@ def main(argv):
                 train_time += now - log_time
                 rate = chars_per_step * (step - log_step) / (now - log_time)
                 eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
-                print(f"step {step}/{cfg['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} char/s "
-                      f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
-                metrics.log(step=step, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
+                if staged:
+                    staged["stage"] = stage + 1
+                print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
+                      f"| loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} char/s | {format_time(now - started)} elapsed "
+                      f"| ETA {format_time(eta)}")
+                metrics.log(step=step, **staged, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
                 log_step, log_time = step, time.time()
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
@@ -359,9 +436,12 @@ def main(argv):
         print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
         return
     elapsed = time.time() - started
-    print(f"done: {step - first_step} steps in {format_time(elapsed)}, "
-          f"{chars_per_step * (step - first_step) / elapsed:,.0f} char/s overall; "
+    rate = chars_per_step * (step - first_step) / train_time
+    print(f"done: {step - first_step} steps in {format_time(elapsed)}, {rate:,.0f} char/s in training; "
           f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
+    flops, peak = model.flops_per_char(), matmul_rate(device)
+    print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak:.0%} of this machine's "
+          f"{peak / 1e9:,.0f} GFLOP/s float32 matrix-product rate")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_stories
 from tokenizer import EOS, Tokenizer
-from train import Batches, EmptyData, first_stories, is_line_based, open_split
+from train import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
 
 
 def windows(batches, n):
@@ -19,7 +19,7 @@ def windows(batches, n):
         x, y = next(batches)
         assert (x[:, 1:] == y[:, :-1]).all()  # y is x shifted by one
         for xr, yr in zip(x.tolist(), y.tolist()):
-            ids += xr + yr[-1:]
+            ids += [i for i in xr[:1] + yr if i != PAD]
     return ids
 
 
@@ -137,3 +137,26 @@ def test_data_without_text_is_an_error(tmp_path):
     batches = Batches(open_split(str(path), "train"), Tokenizer.from_texts(["a"]), 1, 8)
     with pytest.raises(EmptyData):
         next(batches)
+
+
+def test_a_story_that_fits_in_a_window_is_never_cut(tmp_path):
+    stories = ["A short one.", "Another short story here.", "Tiny.", "x" * 40] * 5
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    tok = Tokenizer.from_texts(stories)
+    batches = Batches(open_split(str(path), "train"), tok, batch_size=2, block_size=40)
+    for _ in range(5):
+        x, y = next(batches)
+        for xr, yr in zip(x.tolist(), y.tolist()):
+            pieces = tok.decode([i for i in xr[:1] + yr if i != PAD]).split("<|endoftext|>")
+            assert pieces[0] == "" and all(p in stories for p in pieces[1:])  # whole stories only
+
+
+def test_padding_is_read_as_end_of_story_and_is_never_a_target(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("Q: Where is Zoé? A: In the café.")
+    tok = Tokenizer.from_texts(["Q: Where is Zoé? A: In the café."])
+    x, y = next(Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=40, lines=True))
+    text = "Q: Where is Zoé? A: In the café."
+    assert tok.decode(x[0, :len(text) + 1].tolist()) == "<|endoftext|>" + text
+    assert (x[0, len(text) + 1:] == EOS).all() and (y[0, len(text):] == PAD).all()

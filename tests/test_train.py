@@ -36,9 +36,11 @@ def test_training_lowers_the_loss_and_writes_metrics_and_a_checkpoint(stories_di
     assert [p.name for p in checkpoint.paths(tmp_path)] == ["ckpt_00000030.pt"]
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(stories_dir, tmp_path):
+@pytest.mark.parametrize("length", ["--max_steps=16", "--stages=8,8", "--stages=4,12"],
+                         ids=["plain", "at-a-stage-boundary", "in-the-middle-of-a-stage"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(stories_dir, tmp_path, length):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--max_steps=16", "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
+    args = [length, "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
             "--dropout=0.1"]  # dropout draws random numbers, so the RNG state must resume too
     run(stories_dir, straight, *args)
     resumed.mkdir()
@@ -52,6 +54,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(stories_dir, tmp_path)
     a, b = checkpoint.load(straight / "ckpt_00000016.pt"), checkpoint.load(resumed / "ckpt_00000016.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"]
+    assert str(a["optimizer"]) == str(b["optimizer"])
 
 
 def test_the_checkpoint_holds_the_whole_training_state(stories_dir, tmp_path):

@@ -1,0 +1,163 @@
+"""Benchmarks on the machine it runs on: the matrix-product rate, training characters/s and MFU,
+sampling characters/s with and without the key/value cache, and the data loader's characters/s,
+each beside the reference implementation (explicit masked-softmax attention, the whole sequence
+recomputed for every sampled character).
+
+    python bench.py                                    # default model, ../shared/data/tinystories
+    python bench.py --dataset=PATH --n_embd=512 --n_layer=8
+    python bench.py --rss                              # peak memory of a run on 10 MB and 1 GB of data
+
+Timings are noisy on a shared machine: each figure is the best of a few repeats.
+"""
+
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import config
+from model import GPT, GPTConfig, pick_device
+from tokenizer import Tokenizer
+from train import Batches, first_stories, is_line_based, matmul_rate, open_split
+
+DEFAULTS = ["--dataset=../shared/data/tinystories"]
+
+
+def explicit_attention(self, x, kv_cache=None, layer=0):
+    """The reference's attention: q @ k^T, a mask, softmax, @ v, written out."""
+    B, T, C = x.shape
+    q, k, v = self.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def reference(model):
+    for block in model.transformer.h:
+        block.attn.forward = types.MethodType(explicit_attention, block.attn)
+    return model
+
+
+def best_of(repeats, fn):
+    """The shortest of several timings of fn(), in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def train_rate(model, cfg, device, steps=10):
+    """Training characters/s: forward, backward, clipping and AdamW, as train.py does them."""
+    optimizer = model.optimizer(1e-3, 0.1, (0.9, 0.99), device.type)
+    x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["block_size"]), device=device)
+
+    def run():
+        for _ in range(steps):
+            _, loss = model(x, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm up
+    return steps * x.numel() / best_of(3, run)
+
+
+def sample_rate(model, n, batch=1, use_cache=True):
+    """Sampled characters/s (all rows together) for n new characters from a one-character prompt."""
+    idx = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
+    gen = torch.Generator().manual_seed(0)
+    seconds = best_of(2, lambda: model.generate(idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
+    return batch * n / seconds
+
+
+def loader_rate(cfg, tokenizer, batches=200):
+    """Characters/s the streaming loader produces, tokenizing included."""
+    loader = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"],
+                     is_line_based(cfg["dataset"]))
+    seconds = best_of(1, lambda: [next(loader) for _ in range(batches)])
+    loader.close()
+    return batches * cfg["batch_size"] * (cfg["block_size"] + 1) / seconds
+
+
+def write_parquet(path, stories, size):
+    """A parquet file of about size bytes of text, the stories repeated, in row groups as the hub's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    chunk = pa.table({"text": stories})
+    chunk_bytes = sum(len(s) for s in stories)
+    with pq.ParquetWriter(path, chunk.schema) as writer:
+        for _ in range(max(1, size // chunk_bytes)):
+            writer.write_table(chunk, row_group_size=1000)
+
+
+def peak_rss(cfg):
+    """Peak resident memory of a 100-step training run on 10 MB and on 1 GB of generated data."""
+    stories = first_stories(open_split(cfg["dataset"], "train"), is_line_based(cfg["dataset"]), 10_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
+            data, out = Path(tmp) / f"{size}.parquet", Path(tmp) / f"out{size}"
+            write_parquet(data, stories, size)
+            proc = subprocess.run([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={out}",
+                                   "--max_steps=100", "--log_interval=100", "--eval_interval=100",
+                                   "--eval_iters=5"], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(proc.stderr)
+            # ru_maxrss of the children is the largest of those run so far, so measure the small one first.
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            print(f"peak RSS, {label:>5} of data ({os.path.getsize(data) / 2**20:,.0f} MB parquet): {rss:,.0f} MB")
+
+
+def main(argv):
+    rss = "--rss" in argv
+    cfg = config.load(DEFAULTS + [a for a in argv if a != "--rss"])
+    if rss:
+        return peak_rss(cfg)
+    device = pick_device(cfg["device"])
+    tokenizer = Tokenizer.from_texts(first_stories(open_split(cfg["dataset"], "train"),
+                                                   is_line_based(cfg["dataset"]), cfg["tokenizer_stories"]))
+
+    def make():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(tokenizer.vocab_size, cfg["block_size"], cfg["n_layer"], cfg["n_head"],
+                             cfg["n_embd"])).to(device)
+
+    model = make()
+    peak = matmul_rate(device)
+    flops = model.flops_per_char()
+    print(f"device {device}, {torch.get_num_threads()} threads; model {model.num_params():,} parameters, "
+          f"batch {cfg['batch_size']} x {cfg['block_size']}")
+    print(f"float32 matrix products: {peak / 1e9:,.0f} GFLOP/s; the model: {flops / 1e6:.2f} MFLOP per "
+          f"character (forward and backward), a limit of {peak / flops:,.0f} char/s")
+    ours, ref = train_rate(model, cfg, device), train_rate(reference(make()), cfg, device)
+    print(f"training:  {ours:9,.0f} char/s  MFU {ours * flops / peak:.0%}   reference {ref:9,.0f} char/s  "
+          f"({ours / ref:.2f}x)")
+
+    model.eval()
+    ref_model = reference(make()).eval()
+    T = cfg["block_size"]
+    cached, uncached = sample_rate(model, 2000), sample_rate(ref_model, T - 1, use_cache=False)
+    short = sample_rate(model, 200)
+    print(f"sampling:  {cached:9,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)   "
+          f"reference {uncached:9,.0f} char/s over {T - 1}  ({cached / uncached:.2f}x)")
+    print(f"sampling, --num_samples=16: {sample_rate(model, 500, batch=16):,.0f} char/s")
+    loader = loader_rate(cfg, tokenizer)
+    print(f"loader:    {loader:9,.0f} char/s  ({loader / ours:.1f}x what training consumes)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

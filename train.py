@@ -11,8 +11,8 @@ saves a checkpoint and exits; the same command then continues exactly where it s
 import bisect
 import json
 import math
+import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -21,8 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import datasets
+import datasets.distributed
 import huggingface_hub
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import config
@@ -38,8 +41,12 @@ PAD = -1  # fills the end of a window that the next story does not fit in; ignor
 
 # ----------------------------------------------------------------------------- data
 
-def open_split(dataset, split):
-    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such."""
+def open_split(dataset, split, rank=0, world_size=1):
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such.
+
+    Under torchrun each rank streams its own share (see split_dataset_by_node): whole shards
+    (files, parquet row groups) when their number divides evenly among the ranks, else every
+    world_size-th story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
@@ -53,7 +60,10 @@ def open_split(dataset, split):
         splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True, **extra)
     else:
         splits = datasets.load_dataset(str(path) if path.is_dir() else dataset, streaming=True)
-    return splits.get(split)
+    ds = splits.get(split)
+    if ds is not None and world_size > 1:
+        ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
 
 
 def is_line_based(dataset):
@@ -161,14 +171,14 @@ class Batches:
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
 
 
-def validation_batches(cfg, tokenizer):
+def validation_batches(cfg, tokenizer, rank=0, world_size=1):
     """(the EVAL_ITERS batches every evaluation uses, the same text each time; whether they were
     held out of the training split because the data has no validation split)."""
     lines, every = is_line_based(cfg["dataset"]), cfg["holdout_every"]
-    ds, keep = open_split(cfg["dataset"], "validation"), None
+    ds, keep = open_split(cfg["dataset"], "validation", rank, world_size), None
     if ds is None:
         print(f"note: no validation split; every {every}th training story is held out to validate on")
-        ds, keep = open_split(cfg["dataset"], "train"), lambda i: i % every == every - 1
+        ds, keep = open_split(cfg["dataset"], "train", rank, world_size), lambda i: i % every == every - 1
     batches = Batches(ds, tokenizer, cfg["batch_size"], cfg["block_size"], lines, keep)
     try:
         return [next(batches) for _ in range(cfg["eval_iters"])], keep is not None
@@ -176,7 +186,8 @@ def validation_batches(cfg, tokenizer):
         if keep is None:
             raise EmptyData("the validation split holds no text") from None
         print(f"note: fewer than {every} training stories: validating on the training text itself")
-        batches = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"], lines)
+        batches = Batches(open_split(cfg["dataset"], "train", rank, world_size), tokenizer, cfg["batch_size"],
+                          cfg["block_size"], lines)
         return [next(batches) for _ in range(cfg["eval_iters"])], False
     finally:
         batches.close()
@@ -200,9 +211,14 @@ def evaluate(model, batches, device, autocast):
     losses = []
     for x, y in batches:
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].item())
+            losses.append(model(x.to(device), y.to(device))[1].float())
     model.train()
-    return sum(losses) / len(losses)
+    loss = torch.stack(losses).mean()
+    if dist.is_initialized():  # each rank holds its own share of the validation text
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+        if device.type != "cuda":
+            loss /= dist.get_world_size()  # gloo has no AVG
+    return loss.item()
 
 
 def matmul_rate(device, n=2048):
@@ -236,7 +252,29 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
 
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather(obj):
+    """obj from every rank, as a list in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
+    """Everything a run needs to continue exactly; every rank must call it (it gathers)."""
     stage = bisect.bisect_left(stage_starts(cfg), step) - 1  # the stage of the last step taken
     return {
         "format": checkpoint.FORMAT,
@@ -248,9 +286,9 @@ def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
         "model_args": asdict(model.config),
         "config": cfg,
         "tokenizer": tokenizer.state_dict(),
-        "data": batches.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "data": gather(batches.state_dict()),  # one per rank
+        "rng": gather(rng_state(device)),  # one per rank
     }
 
 
@@ -266,6 +304,11 @@ def check_resumable(state, path, cfg):
             raise UserError(f"{path} holds a model with {key}={state['model_args'][key]}, the config asks for "
                             f"{key}={cfg[key]}: pass --{key}={state['model_args'][key]} to resume it, or "
                             "--out_dir=<new folder> to train a new model")
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if state["world_size"] != world_size and not cfg["eval_only"]:
+        raise UserError(f"{path} was written by a run of {state['world_size']} processes, this one has "
+                        f"{world_size}: resume it with as many (torchrun --nproc_per_node={state['world_size']}"
+                        f"{' ...' if state['world_size'] > 1 else ' or plain python'}) so every data stream goes on")
     if state["config"]["dataset"] != cfg["dataset"] and not cfg["eval_only"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
@@ -274,7 +317,8 @@ def check_resumable(state, path, cfg):
 def settings(argv):
     """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
     cfg = config.load(argv)
-    positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "learning_rate",
+    positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
+                "learning_rate",
                 "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "keep_checkpoints",
                 "tokenizer_stories", "holdout_every"]
     for key in positive:
@@ -309,9 +353,33 @@ def settings(argv):
     return cfg
 
 
+def setup_distributed(cfg):
+    """(rank, world_size, device). Under torchrun: one process per device, nccl between GPUs and
+    gloo between CPU processes; the other ranks print nothing. A plain run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(cfg["device"])
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(cfg["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device
+
+
 def main(argv):
     cfg = settings(argv)
-    device = pick_device(cfg["device"])
+    rank, world_size, device = setup_distributed(cfg)
+    try:
+        run(cfg, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
     found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
     if found:
@@ -325,14 +393,15 @@ def main(argv):
         train_ds = open_split(cfg["dataset"], "train")
         if train_ds is None:
             raise UserError(f"{cfg['dataset']} has no train split")
+        # Every rank reads the same first stories, so every rank builds the same vocabulary.
         tokenizer = Tokenizer.from_texts(first_stories(train_ds, is_line_based(cfg["dataset"]),
                                                        cfg["tokenizer_stories"]))
 
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    val_batches, held_out = validation_batches(cfg, tokenizer)
+    val_batches, held_out = validation_batches(cfg, tokenizer, rank, world_size)
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
         val_loss = evaluate(model, val_batches, device, autocast)
@@ -341,32 +410,36 @@ def main(argv):
 
     optimizer = model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type)
     every = cfg["holdout_every"]
-    batches = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"],
-                      is_line_based(cfg["dataset"]), (lambda i: i % every != every - 1) if held_out else None)
+    batches = Batches(open_split(cfg["dataset"], "train", rank, world_size), tokenizer, cfg["batch_size"],
+                      cfg["block_size"], is_line_based(cfg["dataset"]),
+                      (lambda i: i % every != every - 1) if held_out else None)
     step = 0
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        batches.load_state_dict(state["data"][rank])
+        set_rng_state(state["rng"][rank], device)
         step = state["step"]
         print(f"resuming from {path} at step {step} (--resume=False starts afresh)")
-    elif checkpoint.paths(out_dir):
+    elif checkpoint.paths(out_dir) and rank == 0:
         print(f"starting fresh: removing the checkpoints in {out_dir}")
         for old in checkpoint.paths(out_dir):
             old.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out_dir, step)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics(out_dir, step)
     if step >= cfg["max_steps"]:
         print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
         return
 
-    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size}, device {device}")
-    chars_per_step = cfg["batch_size"] * cfg["block_size"]
+    accum = cfg["grad_accum_steps"]
+    chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
+    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size}, device {device}; "
+          f"global batch {cfg['batch_size'] * accum * world_size} windows = {cfg['batch_size']} x {world_size} "
+          f"rank{'s' if world_size > 1 else ''} x {accum} accumulation step{'s' if accum > 1 else ''}")
     train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
+    if world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stop = []  # the signal that asked to stop, once one has
 
@@ -380,9 +453,9 @@ def main(argv):
     starts = stage_starts(cfg)
     staged = {"stage": 0} if len(starts) > 1 else {}  # shown only when there are stages
     first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
-    val_loss = None
+    val_loss = saved = None
     try:
-        while step < cfg["max_steps"] and not stop:
+        while step < cfg["max_steps"]:
             stage = bisect.bisect_right(starts, step) - 1
             if step == starts[stage] and step > 0:
                 # A stage boundary: same weights, fresh AdamW moments and a restarted schedule.
@@ -392,10 +465,27 @@ def main(argv):
             lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = next(batches)
-            with autocast:
-                _, loss = train_model(x.to(device), y.to(device))
-            loss.backward()
+            loss = 0.0
+            for micro in range(accum):
+                x, y = next(batches)
+                if world_size > 1:  # average the gradients across ranks once, after the last micro-batch
+                    train_model.require_backward_grad_sync = micro == accum - 1
+                with autocast:
+                    _, micro_loss = train_model(x.to(device), y.to(device))
+                (micro_loss / accum).backward()
+                loss += micro_loss.detach() / accum
+            diverged = ~torch.isfinite(loss)  # checked every step, so no bad update is ever saved
+            if world_size > 1:  # every rank must stop at the same step, whichever saw the signal or the NaN
+                flags = torch.stack([torch.tensor(float(bool(stop)), device=device), diverged.float()])
+                dist.all_reduce(flags)
+                if flags[0] > 0 and not stop:
+                    stop.append(signal.SIGTERM)
+                diverged = flags[1] > 0
+            if diverged:
+                newest = checkpoint.paths(out_dir)[0] if checkpoint.paths(out_dir) else "none yet"
+                raise UserError(f"the loss became {loss.item()} at step {step + 1}, so training stopped; the last "
+                                f"good checkpoint is {newest}. Lower --learning_rate (now {cfg['learning_rate']}) "
+                                "and run again to resume from it")
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()
@@ -413,17 +503,22 @@ def main(argv):
                 print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
                       f"| loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} char/s | {format_time(now - started)} elapsed "
                       f"| ETA {format_time(eta)}")
-                metrics.log(step=step, **staged, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
+                if rank == 0:
+                    metrics.log(step=step, **staged, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
                 log_step, log_time = step, time.time()
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
                 val_loss = evaluate(model, val_batches, device, autocast)
                 print(f"step {step}: val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char)")
-                metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2))
+                if rank == 0:
+                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2))
                 log_time += time.time() - eval_started  # evaluation is not training time
             if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
-                saved = checkpoint.save(checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device),
-                                        out_dir, cfg["keep_checkpoints"])
+                state = checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device)
+                if rank == 0:
+                    saved = checkpoint.save(state, out_dir, cfg["keep_checkpoints"])
+            if stop:
+                break
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -435,13 +530,27 @@ def main(argv):
     if stop:
         print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
         return
+    if world_size > 1:
+        check_replicas(model)
     elapsed = time.time() - started
     rate = chars_per_step * (step - first_step) / train_time
     print(f"done: {step - first_step} steps in {format_time(elapsed)}, {rate:,.0f} char/s in training; "
           f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
     flops, peak = model.flops_per_char(), matmul_rate(device)
-    print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak:.0%} of this machine's "
-          f"{peak / 1e9:,.0f} GFLOP/s float32 matrix-product rate")
+    print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak / world_size:.0%} of "
+          f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s float32 "
+          "matrix-product rate")
+
+
+def check_replicas(model):
+    """Fail loudly if the ranks' weights have drifted apart, which DDP should never allow."""
+    weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    lowest, highest = weights.clone(), weights.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    if not torch.equal(lowest, highest):
+        raise RuntimeError("the ranks' weights differ after training")
+    print(f"weights identical on all {dist.get_world_size()} ranks")
 
 
 if __name__ == "__main__":

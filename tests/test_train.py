@@ -63,7 +63,8 @@ def test_the_checkpoint_holds_the_whole_training_state(stories_dir, tmp_path):
     assert state["step"] == 3
     assert {"model", "optimizer", "model_args", "config", "tokenizer", "data", "rng"} <= set(state)
     assert state["optimizer"]["state"]  # AdamW moments
-    assert state["data"]["dataset"]["epoch"] == 0 and len(state["data"]["buffer"]) > 0
+    assert len(state["data"]) == 1 and len(state["rng"]) == 1  # one per process
+    assert state["data"][0]["dataset"]["epoch"] == 0 and len(state["data"][0]["buffer"]) > 0
     assert state["config"]["max_steps"] == 3 and state["model_args"]["n_embd"] == 32
 
 

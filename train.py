@@ -45,12 +45,17 @@ def open_split(dataset, split, rank=0, world_size=1):
     """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such.
 
     Under torchrun each rank streams its own share (see split_dataset_by_node): whole shards
-    (files, parquet row groups) when their number divides evenly among the ranks, else every
-    world_size-th story."""
+    (data files) when their number divides evenly among the ranks, else every world_size-th story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
     path = Path(dataset).expanduser()
+    if not path.exists() and (dataset.startswith((".", "/", "~")) or path.suffix in BUILDERS):
+        raise UserError(f"no such file or folder: {dataset}: check the path (a hub dataset is named "
+                        "like roneneldan/TinyStories)")
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise UserError(f"{dataset} is an empty folder: put the data files in it (data/train-*.parquet, "
+                        "data/validation-*.parquet) or point --dataset at the folder that has them")
     if path.is_file():
         if path.suffix not in BUILDERS:
             raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
@@ -79,11 +84,18 @@ def split_stories(text, lines):
     return [s.strip() for s in parts if s.strip()], rest
 
 
+def row_text(row):
+    if "text" not in row:
+        raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
+                        "rename the column that holds the stories to 'text'")
+    return row["text"]
+
+
 def first_stories(ds, lines, n):
     """The first n stories of a split, to build the vocabulary from."""
     stories, rest, rows = [], "", iter(ds)
     for row in rows:
-        complete, rest = split_stories(rest + row["text"], lines)
+        complete, rest = split_stories(rest + row_text(row), lines)
         stories += complete
         if len(stories) >= n:
             break
@@ -137,10 +149,7 @@ class Batches:
             self.epoch += 1
             self.ds.load_state_dict(self.start)
             return
-        if "text" not in row:
-            raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
-                            "rename the column that holds the stories to 'text'")
-        stories, self.rest = split_stories(self.rest + row["text"], self.lines)
+        stories, self.rest = split_stories(self.rest + row_text(row), self.lines)
         for story in stories:
             self._add(story)
 
@@ -243,8 +252,13 @@ class Metrics:
     def __init__(self, out_dir, resume_step):
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.path.exists():  # drop what a stopped run logged after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except ValueError:  # a line cut short by a killed run
+                    pass
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, **row):
@@ -379,8 +393,20 @@ def main(argv):
             dist.destroy_process_group()
 
 
+def check_writable(out_dir):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): choose a writable folder") from e
+
+
 def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
+    if rank == 0 and not cfg["eval_only"]:
+        check_writable(out_dir)
     found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
     if found:
         path, state = found
@@ -394,8 +420,10 @@ def run(cfg, rank, world_size, device):
         if train_ds is None:
             raise UserError(f"{cfg['dataset']} has no train split")
         # Every rank reads the same first stories, so every rank builds the same vocabulary.
-        tokenizer = Tokenizer.from_texts(first_stories(train_ds, is_line_based(cfg["dataset"]),
-                                                       cfg["tokenizer_stories"]))
+        stories = first_stories(train_ds, is_line_based(cfg["dataset"]), cfg["tokenizer_stories"])
+        if not stories:
+            raise UserError(f"{cfg['dataset']} holds no text in its train split: check that it is the right data")
+        tokenizer = Tokenizer.from_texts(stories)
 
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
@@ -426,7 +454,6 @@ def run(cfg, rank, world_size, device):
         for old in checkpoint.paths(out_dir):
             old.unlink()
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         metrics = Metrics(out_dir, step)
     if step >= cfg["max_steps"]:
         print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")

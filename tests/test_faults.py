@@ -1,0 +1,229 @@
+"""Nothing lost: crash-safe checkpoints, and a one-line error for every kind of bad input."""
+
+import errno
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import sample
+import train
+from config import UserError
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_args(stories_dir, out_dir, *extra):
+    return [f"--dataset={stories_dir}", f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def script(name, *args, **kwargs):
+    return subprocess.run([sys.executable, name, *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # one byte flipped in the middle, where tensors are stored
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_sigkill_at_random_moments_never_stops_a_run_from_resuming(stories_dir, tmp_path):
+    args = train_args(stories_dir, tmp_path / "killed", "--max_steps=40", "--checkpoint_interval=1",
+                      "--eval_interval=1000")
+    train.main(train_args(stories_dir, tmp_path / "straight", "--max_steps=40", "--eval_interval=1000"))
+    rng = random.Random(0)
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # kill it a random while after its first step, often mid-save
+            if line.startswith("step "):
+                time.sleep(rng.uniform(0, 0.5))
+                break
+        proc.kill()
+        proc.wait()
+    finished = script("train.py", *args)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming from" in finished.stdout
+    a, b = (checkpoint.load(checkpoint.paths(tmp_path / d)[0]) for d in ("straight", "killed"))
+    assert a["step"] == b["step"] == 40
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_0_saying_how_to_resume(stories_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(stories_dir, tmp_path, "--max_steps=100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "run the same command again to resume" in out
+    stopped = int(out.split("stopped at step ")[1].split(",")[0])
+    assert checkpoint.load(checkpoint.paths(tmp_path)[0])["step"] == stopped
+
+
+def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(stories_dir, tmp_path, "--max_steps=100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.terminate()
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0 and checkpoint.paths(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_checkpoint_is_reported_and_the_one_before_it_used(stories_dir, tmp_path, capsys, how):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=4", "--checkpoint_interval=2"))
+    damage(tmp_path / "ckpt_00000004.pt", how)
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path}", "--max_new_tokens=5"])
+    assert "ckpt_00000004.pt" in capsys.readouterr().err
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=6"))
+    captured = capsys.readouterr()
+    assert "ckpt_00000004.pt" in captured.err and "resuming from" in captured.out and "at step 2" in captured.out
+
+
+def test_no_intact_checkpoint_is_a_one_line_error_with_exit_code_2(stories_dir, tmp_path):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    damage(checkpoint.paths(tmp_path)[0], "truncated")
+    for name in ("sample.py", "train.py"):
+        result = script(name, *train_args(stories_dir, tmp_path, "--max_steps=4"))
+        assert result.returncode == 2
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: no intact checkpoint in") and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_of_another_format_is_refused_saying_so(stories_dir, tmp_path):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    path = checkpoint.paths(tmp_path)[0]
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "format": checkpoint.FORMAT + 1}, path)
+    with pytest.raises(UserError, match=f"has format {checkpoint.FORMAT + 1}, this code reads format"):
+        checkpoint.load(path)
+
+
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(stories_dir, tmp_path, monkeypatch):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*ckpt_00000002.pt.*intact"):
+        train.main(train_args(stories_dir, tmp_path, "--max_steps=4"))
+    assert [p.name for p in tmp_path.iterdir() if "ckpt" in p.name] == ["ckpt_00000002.pt"]
+    assert checkpoint.load(tmp_path / "ckpt_00000002.pt")["step"] == 2
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(stories_dir, tmp_path):
+    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+.*Lower --learning_rate"):
+        train.main(train_args(stories_dir, tmp_path, "--max_steps=50", "--checkpoint_interval=1",
+                              "--learning_rate=1e12", "--grad_clip=0"))
+    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_an_unwritable_out_dir_is_refused_before_training(stories_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write to --out_dir"):
+        train.main(train_args(stories_dir, tmp_path / "a_file" / "out", "--max_steps=2"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_one_line_on_stderr_without_traceback(tmp_path):
+    result = script("train.py", "--max_step=5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: unknown setting --max_step; did you mean --max_steps?\n"
+
+
+def test_debug_shows_the_traceback():
+    assert "Traceback" in script("train.py", "--max_step=5", "--debug").stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd=100", "--n_head=3"], "does not split into --n_head=3 heads"),
+    (["--batch_size=0"], "--batch_size must be positive"),
+    (["--learning_rate=-1"], "--learning_rate must be positive"),
+    (["--dropout=1.5"], "--dropout, --beta1 and --beta2"),
+    (["--max_steps=50", "--warmup_steps=100"], "longer than the run"),
+    (["--max_steps=ten"], "takes an int"),
+])
+def test_bad_settings_are_refused(args, message):
+    with pytest.raises(UserError, match=message):
+        train.settings(args)
+
+
+def test_a_dataset_path_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder: .*missing.parquet"):
+        train.main([f"--dataset={tmp_path / 'missing.parquet'}", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is an empty folder"):
+        train.main([f"--dataset={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_an_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(UserError, match="holds no text"):
+        train.main([f"--dataset={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
+def test_a_file_without_a_text_column_is_refused(tmp_path):
+    (tmp_path / "s.jsonl").write_text(json.dumps({"story": "Once upon a time."}) + "\n")
+    with pytest.raises(UserError, match="no 'text' column \\(its columns: story\\)"):
+        train.main([f"--dataset={tmp_path / 's.jsonl'}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
+def test_an_unknown_file_type_is_refused(tmp_path):
+    (tmp_path / "s.csv").write_text("text\nhello\n")
+    with pytest.raises(UserError, match="is not a .txt, .jsonl or .parquet file"):
+        train.main([f"--dataset={tmp_path / 's.csv'}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@pytest.fixture(scope="module")
+def trained(stories_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(train_args(stories_dir, out, "--max_steps=20"))
+    return out
+
+
+def test_an_empty_prompt_starts_a_new_story(trained, capsys):
+    sample.main([f"--out_dir={trained}", "--prompt=", "--max_new_tokens=20", "--ignore_eos"])
+    assert len(capsys.readouterr().out) == 21
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(trained, capsys):
+    prompt = "Once upon a time, " * 10  # 180 characters; block_size is 32
+    sample.main([f"--out_dir={trained}", f"--prompt={prompt}", "--max_new_tokens=5", "--ignore_eos"])
+    captured = capsys.readouterr()
+    assert "continues from the last 32 characters" in captured.err
+    assert captured.out.startswith(prompt) and len(captured.out) == len(prompt) + 6
+
+
+def test_temperature_zero_is_greedy(trained, capsys):
+    sample.main([f"--out_dir={trained}", "--temperature=0", "--max_new_tokens=40", "--seed=1"])
+    zero = capsys.readouterr().out
+    sample.main([f"--out_dir={trained}", "--greedy", "--max_new_tokens=40", "--seed=2"])
+    assert capsys.readouterr().out == zero

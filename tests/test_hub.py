@@ -4,8 +4,10 @@ points datasets at it, as it would at a mirror or a private hub."""
 
 import importlib.util
 import json
+import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import datasets
@@ -18,6 +20,7 @@ import torch
 import checkpoint
 import sample
 import train
+from config import UserError
 from conftest import TINY, make_stories
 from hub_server import HubServer
 from tokenizer import Tokenizer
@@ -92,6 +95,15 @@ def hub(tmp_path, monkeypatch):
     server.stop()
 
 
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """datasets and huggingface_hub retry a hub that does not answer for many minutes, sleeping
+    between tries: retry less, and without the sleeps."""
+    monkeypatch.setattr(datasets.config, "STREAMING_OPEN_MAX_RETRIES", 2)
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 2)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+
+
 def run(out_dir, *extra):
     train.main([f"--out_dir={out_dir}", *TINY, *extra])  # --dataset left at its default
 
@@ -155,3 +167,43 @@ def test_a_model_trained_through_the_hub_samples(hub, tmp_path, capsys):
     sample.main([f"--out_dir={tmp_path}", "--device=cpu", "--greedy", "--max_new_tokens=40", "--ignore_eos"])
     out = capsys.readouterr().out
     assert out.startswith("Once upon a time") and len(out) == len("Once upon a time") + 40 + 1
+
+
+def test_a_hub_that_stops_answering_mid_run_is_a_clear_error_and_keeps_the_last_checkpoint(
+        hub, tmp_path, quick_retries, monkeypatch, capsys):
+    saved, save = [], checkpoint.save
+
+    def save_then_stop_the_hub(*args, **kwargs):
+        saved.append(save(*args, **kwargs))
+        if len(saved) == 1:
+            hub.stop()  # the run goes on with the file it is reading, and needs the hub for the next
+        return saved[-1]
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop_the_hub)
+    args = ["--max_steps=12", "--checkpoint_interval=2", "--batch_size=32"]
+    with pytest.raises(UserError, match="the data stopped coming .*run the same command again") as stopped:
+        run(tmp_path, *args)
+    assert "\n" not in str(stopped.value)
+    assert len(saved) > 1 and checkpoint.paths(tmp_path)[0] == saved[-1]  # saved after the hub stopped
+    last = checkpoint.load(saved[-1])["step"]
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    hub.start()  # back, at the same address: the same command goes on from the last checkpoint
+    capsys.readouterr()
+    run(tmp_path, *args)
+    assert f"resuming from {saved[-1]} at step {last}" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == list(range(1, 13))
+
+
+def test_a_hub_that_does_not_answer_is_a_clear_error(hub, tmp_path, quick_retries):
+    hub.stop()
+    with pytest.raises(UserError, match=f"cannot reach the hub at {re.escape(hub.url)} .*--dataset=") as error:
+        run(tmp_path, "--max_steps=2")
+    assert "\n" not in str(error.value)
+
+
+def test_a_dataset_the_hub_does_not_have_is_a_clear_error(hub, tmp_path):
+    with pytest.raises(UserError, match="nobody/NoSuchStories is neither a local file or folder nor a dataset "
+                                        f"on the hub at {re.escape(hub.url)}") as error:
+        run(tmp_path, "--dataset=nobody/NoSuchStories", "--max_steps=2")
+    assert "\n" not in str(error.value)

@@ -162,7 +162,7 @@ def next_batch(state):
 
 
 def test_a_model_trained_through_the_hub_samples(hub, tmp_path, capsys):
-    run(tmp_path, "--max_steps=20", "--eval_interval=20")
+    run(tmp_path, "--max_steps=4")
     capsys.readouterr()
     sample.main([f"--out_dir={tmp_path}", "--device=cpu", "--greedy", "--max_new_tokens=40", "--ignore_eos"])
     out = capsys.readouterr().out

@@ -63,8 +63,18 @@ def open_split(dataset, split, rank=0, world_size=1):
         # A .txt file is read by line so that a large one never sits in memory whole.
         extra = {"sample_by": "line", "keep_linebreaks": True} if path.suffix == ".txt" else {}
         splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True, **extra)
+    elif path.is_dir():
+        splits = datasets.load_dataset(str(path), streaming=True)
     else:
-        splits = datasets.load_dataset(str(path) if path.is_dir() else dataset, streaming=True)
+        hub = datasets.config.HF_ENDPOINT  # HF_ENDPOINT, or the hub itself
+        try:
+            splits = datasets.load_dataset(dataset, streaming=True)
+        except ConnectionError as e:  # datasets has already retried
+            raise UserError(f"cannot reach the hub at {hub} to stream {dataset}: pass --dataset=<a local copy> "
+                            "(see the README), or point HF_ENDPOINT at a mirror") from e
+        except FileNotFoundError as e:  # datasets' DatasetNotFoundError is one
+            raise UserError(f"{dataset} is neither a local file or folder nor a dataset on the hub at {hub} "
+                            "that can be read: check the name, or pass --dataset=<a local copy>") from e
     ds = splits.get(split)
     if ds is not None and world_size > 1:
         ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
@@ -140,7 +150,11 @@ class Batches:
     def _read_row(self):
         if self.rows is None:
             self.rows = iter(self.ds)
-        row = next(self.rows, None)
+        try:
+            row = next(self.rows, None)
+        except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
+            raise UserError(f"the data stopped coming ({type(e).__name__}: {e}); the checkpoints saved so far are "
+                            "intact: run the same command again to resume once the data can be read") from e
         if row is None:  # the end of the data: finish its last story, begin the next epoch
             self._add(self.rest)
             if self.epoch_ids == 0:

@@ -1,9 +1,14 @@
 """Shared fixtures: a small generated TinyStories-like dataset in the hub's layout, written to a
 temporary folder, so the tests need neither the network nor ../shared."""
 
+import os
 import random
 import sys
 from pathlib import Path
+
+# The tests' models are tiny: one thread is as fast as two, and it does not collapse when other
+# work shares the cores. Set before torch is imported; the subprocesses the tests start inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -32,7 +32,8 @@ from tokenizer import EOS, Tokenizer
 
 SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd")  # a checkpoint's must match to resume it
+# A checkpoint's must match to resume it.
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights")
 PAD = -1  # fills the end of a window that the next story does not fit in; ignored by the loss
 
 
@@ -262,9 +263,10 @@ def stage_starts(cfg):
 def check_resumable(state, path, cfg):
     """Refuse a checkpoint that this config cannot continue, saying what differs."""
     for key in MODEL_KEYS:
-        if state["model_args"][key] != cfg[key]:
-            raise UserError(f"{path} holds a model with {key}={state['model_args'][key]}, the config asks for "
-                            f"{key}={cfg[key]}: pass --{key}={state['model_args'][key]} to resume it, or "
+        saved = state["model_args"].get(key, getattr(GPTConfig, key))  # checkpoints older than a switch lack it
+        if saved != cfg[key]:
+            raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
+                            f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
                             "--out_dir=<new folder> to train a new model")
     if state["config"]["dataset"] != cfg["dataset"] and not cfg["eval_only"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
@@ -330,7 +332,8 @@ def main(argv):
 
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], rope=cfg["rope"],
+                          swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"])).to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     val_batches, held_out = validation_batches(cfg, tokenizer)
     if cfg["eval_only"]:

@@ -237,6 +237,28 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
 
+def plot_losses(out_dir, chars_per_step):
+    """OUT_DIR/loss.png: the training and validation loss of metrics.jsonl against characters
+    seen. Skipped without a word where matplotlib is not installed: training never needs it."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.subplots()
+    for key, label, style in (("loss", "train (one batch)", "-"), ("val_loss", "validation", "o-")):
+        points = [(r["step"] * chars_per_step / 1e6, r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
+    ax.set_xlabel("characters seen (millions)")
+    ax.set_ylabel("loss (nats per character)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "loss.png")
+
+
 def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
     stage = bisect.bisect_left(stage_starts(cfg), step) - 1  # the stage of the last step taken
     return {
@@ -442,6 +464,7 @@ def main(argv):
     rate = chars_per_step * (step - first_step) / train_time
     print(f"done: {step - first_step} steps in {format_time(elapsed)}, {rate:,.0f} char/s in training; "
           f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
+    plot_losses(out_dir, chars_per_step)
     flops, peak = model.flops_per_char(), matmul_rate(device)
     print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak:.0%} of this machine's "
           f"{peak / 1e9:,.0f} GFLOP/s float32 matrix-product rate")

@@ -133,3 +133,8 @@ def test_a_dataset_without_validation_split_holds_out_training_stories(tmp_path,
     run(data, tmp_path / "out", "--max_steps=2")
     assert "every 20th training story is held out" in capsys.readouterr().out
 
+
+def test_training_draws_the_loss_curve_when_matplotlib_is_installed(stories_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(stories_dir, tmp_path, "--max_steps=4", "--eval_interval=2")
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

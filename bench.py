@@ -134,7 +134,8 @@ def main(argv):
     def make():
         torch.manual_seed(0)
         return GPT(GPTConfig(tokenizer.vocab_size, cfg["block_size"], cfg["n_layer"], cfg["n_head"],
-                             cfg["n_embd"])).to(device)
+                             cfg["n_embd"], rope=cfg["rope"], swiglu=cfg["swiglu"],
+                             tie_weights=cfg["tie_weights"])).to(device)
 
     model = make()
     peak = matmul_rate(device)

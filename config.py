@@ -16,6 +16,9 @@ N_LAYER = 1  # transformer blocks
 N_HEAD = 4  # attention heads per block
 N_EMBD = 128  # width of the residual stream
 DROPOUT = 0.0  # dropout probability in training
+ROPE = False  # rotary position embeddings in attention instead of learned ones (wpe)
+SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) instead of GELU
+TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 
 # --- training ---
 MAX_STEPS = 3000  # optimizer steps in all; may be raised on resume to train longer

@@ -1,6 +1,10 @@
 """The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
 LayerNorm and an untied linear head. Plain nn.Module, no framework.
 
+Three switches, all off by default (README, "The default recipe", says why): rotary position
+embeddings instead of learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), and a head
+that shares the token embedding's weights (tie_weights).
+
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling keeps a key/value cache so each new character costs one
 position's worth of work instead of the whole context.
@@ -22,6 +26,29 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    rope: bool = False  # rotary position embeddings on queries and keys instead of a learned wpe
+    swiglu: bool = False  # SwiGLU MLP of about the GELU MLP's parameter count
+    tie_weights: bool = False  # lm_head uses wte's weights
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al., RoFormer): each pair of channels of a query or key
+    is turned by an angle proportional to its position, so q . k depends on their distance."""
+
+    def __init__(self, head_dim, block_size, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, head_dim / 2)
+        # Not persistent: derived from the config, so checkpoints stay weights and moments only.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start):
+        """x (B, n_head, T, head_dim) at positions start .. start + T - 1, rotated."""
+        T, half = x.size(2), x.size(3) // 2
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,11 +60,16 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one product
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:
+            # New positions follow on from what the cache holds; cached keys are stored rotated.
+            start = 0 if kv_cache is None or kv_cache[layer] is None else kv_cache[layer][0].size(2)
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if kv_cache is not None:
             if kv_cache[layer] is not None:
                 past_k, past_v = kv_cache[layer]
@@ -62,13 +94,30 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """silu(x W) * (x V), projected back (Shazeer, GLU Variants Improve Transformer). Two input
+    matrices instead of one, so the hidden width is 2/3 of GELU's 4 * n_embd: about the same
+    parameters and work."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden = 8 * config.n_embd // 3
+        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden)  # gate and value in one product
+        self.c_proj = nn.Linear(self.hidden, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, value = self.c_fc(x).split(self.hidden, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * value))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), kv_cache, layer)
@@ -79,14 +128,21 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
+        modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
-        ))
+        )
+        if config.rope:  # rotary embeddings place positions inside attention instead
+            del modules["wpe"]
+        # In this order, so that the default model's initial weights and parameter order (which
+        # the optimizer's saved state is keyed by) stay what they were before the switches.
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, p in self.named_parameters():
@@ -119,8 +175,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         assert start + T <= self.config.block_size, "sequence longer than block_size"
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if not self.config.rope:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)
         x = self.transformer.ln_f(x)

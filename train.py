@@ -35,7 +35,8 @@ from tokenizer import EOS, Tokenizer
 
 SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd")  # a checkpoint's must match to resume it
+# A checkpoint's must match to resume it.
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights")
 PAD = -1  # fills the end of a window that the next story does not fit in; ignored by the loss
 
 
@@ -301,6 +302,28 @@ def gather(obj):
     return objs
 
 
+def plot_losses(out_dir, chars_per_step):
+    """OUT_DIR/loss.png: the training and validation loss of metrics.jsonl against characters
+    seen. Skipped without a word where matplotlib is not installed: training never needs it."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.subplots()
+    for key, label, style in (("loss", "train (one batch)", "-"), ("val_loss", "validation", "o-")):
+        points = [(r["step"] * chars_per_step / 1e6, r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
+    ax.set_xlabel("characters seen (millions)")
+    ax.set_ylabel("loss (nats per character)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "loss.png")
+
+
 def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
     """Everything a run needs to continue exactly; every rank must call it (it gathers)."""
     stage = bisect.bisect_left(stage_starts(cfg), step) - 1  # the stage of the last step taken
@@ -328,9 +351,10 @@ def stage_starts(cfg):
 def check_resumable(state, path, cfg):
     """Refuse a checkpoint that this config cannot continue, saying what differs."""
     for key in MODEL_KEYS:
-        if state["model_args"][key] != cfg[key]:
-            raise UserError(f"{path} holds a model with {key}={state['model_args'][key]}, the config asks for "
-                            f"{key}={cfg[key]}: pass --{key}={state['model_args'][key]} to resume it, or "
+        saved = state["model_args"].get(key, getattr(GPTConfig, key))  # checkpoints older than a switch lack it
+        if saved != cfg[key]:
+            raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
+                            f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
                             "--out_dir=<new folder> to train a new model")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if state["world_size"] != world_size and not cfg["eval_only"]:
@@ -441,7 +465,8 @@ def run(cfg, rank, world_size, device):
 
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"])).to(device)
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], rope=cfg["rope"],
+                          swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"])).to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     val_batches, held_out = validation_batches(cfg, tokenizer, rank, world_size)
     if cfg["eval_only"]:
@@ -577,6 +602,7 @@ def run(cfg, rank, world_size, device):
     rate = chars_per_step * (step - first_step) / train_time
     print(f"done: {step - first_step} steps in {format_time(elapsed)}, {rate:,.0f} char/s in training; "
           f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
+    plot_losses(out_dir, chars_per_step)
     flops, peak = model.flops_per_char(), matmul_rate(device)
     print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak / world_size:.0%} of "
           f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s float32 "

@@ -5,9 +5,9 @@ import torch
 from model import GPT, GPTConfig, pick
 
 
-def small_model(block_size=16, seed=0):
+def small_model(block_size=16, seed=0, **switches):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=20, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+    return GPT(GPTConfig(vocab_size=20, block_size=block_size, n_layer=2, n_head=2, n_embd=16, **switches)).eval()
 
 
 def test_default_model_has_the_reference_parameter_count():
@@ -29,6 +29,34 @@ def test_cached_greedy_output_equals_uncached_within_block_size():
     uncached = model.generate(idx, 13, temperature=0, use_cache=False)
     assert cached == uncached
     assert len(cached[0]) == 13
+
+
+def test_cached_greedy_output_equals_uncached_with_rotary_positions():
+    model = small_model(rope=True)
+    with torch.no_grad():  # at GPT-2's small initial scale attention barely moves the argmax;
+        for p in model.parameters():  # larger weights make the output hinge on the positions
+            p.normal_(std=0.5)
+    idx = torch.randint(0, 20, (2, 3))
+    assert model.generate(idx, 13, temperature=0, use_cache=True) == model.generate(idx, 13, temperature=0,
+                                                                                    use_cache=False)
+
+
+def test_rotary_positions_replace_the_learned_position_table():
+    model = small_model(rope=True)
+    assert "transformer.wpe.weight" not in model.state_dict()
+    a, b = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[3, 1, 2, 4]])
+    assert not torch.equal(model(a)[0], model(b)[0])  # the order of the characters still counts
+
+
+def test_swiglu_keeps_the_parameter_count_within_one_percent():
+    gelu, swiglu = GPT(GPTConfig(vocab_size=94)).num_params(), GPT(GPTConfig(vocab_size=94, swiglu=True)).num_params()
+    assert abs(swiglu - gelu) / gelu < 0.01
+
+
+def test_tied_head_shares_the_token_embedding():
+    model = small_model(tie_weights=True)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params() == small_model().num_params() - 20 * 16
 
 
 def test_generation_continues_past_block_size():

@@ -94,6 +94,20 @@ def test_a_checkpoint_of_another_model_shape_is_refused(stories_dir, tmp_path):
         run(stories_dir, tmp_path, "--max_steps=4", "--n_embd=64")
 
 
+def test_a_checkpoint_without_rotary_positions_is_refused_by_a_rope_config(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2")
+    with pytest.raises(UserError, match="rope=False, the config asks for rope=True"):
+        run(stories_dir, tmp_path, "--max_steps=4", "--rope")
+
+
+def test_a_model_with_every_switch_on_resumes(stories_dir, tmp_path):
+    switches = ["--rope", "--swiglu", "--tie_weights"]
+    run(stories_dir, tmp_path, "--max_steps=2", *switches)
+    run(stories_dir, tmp_path, "--max_steps=4", *switches)
+    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    assert state["step"] == 4 and state["model_args"]["rope"] and state["model_args"]["tie_weights"]
+
+
 def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_dir, tmp_path, capsys):
     run(stories_dir, tmp_path, "--max_steps=5")
     final = [r for r in metrics(tmp_path) if "val_loss" in r][-1]
@@ -119,3 +133,9 @@ def test_a_dataset_without_validation_split_holds_out_training_stories(tmp_path,
     data.write_text("\n<|endoftext|>\n".join(make_stories(60, 0)))
     run(data, tmp_path / "out", "--max_steps=2")
     assert "every 20th training story is held out" in capsys.readouterr().out
+
+
+def test_training_draws_the_loss_curve_when_matplotlib_is_installed(stories_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(stories_dir, tmp_path, "--max_steps=4", "--eval_interval=2")
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,65 @@
+"""Training throughput of the model switches against the default model, to compare them at equal
+wall-clock time on a shared machine: the loss after a number of steps does not depend on how
+busy the machine was, the time per step does. So each variant's speed is measured here, briefly
+and repeatedly, and a variant that is 20% slower is then trained for 20% fewer steps.
+
+    python experiments/speed.py                      # batch 64 x 128, the threads torch picks
+    python experiments/speed.py --steps=1500         # also the equal-time step count of each
+    OMP_NUM_THREADS=1 python experiments/speed.py
+
+The variants take turns within each round, so that a burst of load from elsewhere slows them
+alike; each figure is the best round.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import GPT, GPTConfig  # noqa: E402
+
+VOCAB = 83  # the tokenizer's vocabulary on ../shared/data/tinystories
+VARIANTS = {"default": {}, "rope": {"rope": True}, "swiglu": {"swiglu": True},
+            "tie_weights": {"tie_weights": True}, "n_layer=2": {"n_layer": 2}}
+
+
+def trainer(overrides, batch_size=64, block_size=128):
+    """A function that takes one training step of a fresh model, as train.py takes them."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=block_size, **overrides))
+    optimizer = model.optimizer(3e-3, 0.1, (0.9, 0.99), "cpu")
+    x = torch.randint(0, VOCAB, (batch_size, block_size))
+
+    def step():
+        _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()  # warm up
+    return step
+
+
+def main(argv):
+    base_steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), None)
+    rounds, steps = 5, 5
+    steppers = {name: trainer(overrides) for name, overrides in VARIANTS.items()}
+    best = {name: float("inf") for name in VARIANTS}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    print(f"{torch.get_num_threads()} threads, batch 64 x 128, best of {rounds} rounds of {steps} steps")
+    for name, seconds in best.items():
+        ratio = best["default"] / seconds
+        equal = f"  {round(base_steps * ratio)} steps for {base_steps} of the default" if base_steps else ""
+        print(f"{name:12s} {seconds * 1000:6.0f} ms/step  {64 * 128 / seconds:8,.0f} char/s  "
+              f"{ratio:5.2f}x the default's speed{equal}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

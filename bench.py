@@ -77,11 +77,15 @@ def train_rate(model, cfg, device, steps=10):
     return steps * x.numel() / best_of(3, run)
 
 
-def sample_rate(model, n, batch=1, use_cache=True):
-    """Sampled characters/s (all rows together) for n new characters from a one-character prompt."""
+def sample_rate(model, n, batch=1, use_cache=True, threads=1):
+    """Sampled characters/s (all rows together) for n new characters from a one-character prompt,
+    on threads CPU threads (sample.py uses one)."""
     idx = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
     gen = torch.Generator().manual_seed(0)
-    seconds = best_of(2, lambda: model.generate(idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seconds = best_of(3, lambda: model.generate(idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
+    torch.set_num_threads(default_threads)
     return batch * n / seconds
 
 
@@ -120,6 +124,25 @@ def peak_rss(cfg):
             # ru_maxrss of the children is the largest of those run so far, so measure the small one first.
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             print(f"peak RSS, {label:>5} of data ({os.path.getsize(data) / 2**20:,.0f} MB parquet): {rss:,.0f} MB")
+        print(f"resume 90% into the 1 GB file: first batch after {resume_seconds(data, 0.9):.2f} s "
+              f"(at its start: {resume_seconds(data, 0.0):.2f} s)")
+
+
+def resume_seconds(data, fraction):
+    """Seconds from loading a data position that far into the file to the first batch."""
+    import pyarrow.parquet as pq
+    ds = open_split(str(data), "train")
+    rows = iter(ds)
+    for _ in range(int(pq.ParquetFile(data).metadata.num_rows * fraction)):
+        next(rows)
+    state = {"dataset": ds.state_dict(), "buffer": [], "rest": "", "epoch": 0, "story": 0, "epoch_ids": 0}
+    rows.close()
+    start = time.perf_counter()
+    batches = Batches(open_split(str(data), "train"), Tokenizer.from_texts(["abc"]), 64, 128)
+    batches.load_state_dict(state)
+    next(batches)
+    batches.close()
+    return time.perf_counter() - start
 
 
 def main(argv):
@@ -151,8 +174,9 @@ def main(argv):
     model.eval()
     ref_model = reference(make()).eval()
     T = cfg["block_size"]
-    cached, uncached = sample_rate(model, 2000), sample_rate(ref_model, T - 1, use_cache=False)
-    short = sample_rate(model, 200)
+    cached, short = sample_rate(model, 2000), sample_rate(model, 200)
+    # The reference at whichever thread count suits it better.
+    uncached = max(sample_rate(ref_model, T - 1, use_cache=False, threads=n) for n in (1, torch.get_num_threads()))
     print(f"sampling:  {cached:9,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)   "
           f"reference {uncached:9,.0f} char/s over {T - 1}  ({cached / uncached:.2f}x)")
     print(f"sampling, --num_samples=16: {sample_rate(model, 500, batch=16):,.0f} char/s")

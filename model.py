@@ -177,7 +177,7 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, "sequence longer than block_size"
         x = self.transformer.wte(idx)
         if not self.config.rope:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe.weight[start:start + T]  # a slice: cheaper than a lookup
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)
@@ -197,7 +197,7 @@ class GPT(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
                  generator=None, use_cache=True):
         """Continue each row of idx (B, T) by up to max_new_tokens; returns one list of new ids per row.

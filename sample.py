@@ -47,6 +47,10 @@ def main(argv):
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:
         raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
     device = pick_device(cfg["device"])
+    if device.type == "cpu":
+        # One character at a time is too little work to share between threads: more threads only
+        # add synchronisation, and collapse when other programs want the cores too.
+        torch.set_num_threads(1)
     model, tokenizer = load_model(cfg, device)
     if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:
         raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size}, or 0 for all")

@@ -3,7 +3,6 @@
 import errno
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,8 +1,10 @@
 """Shared fixtures: a small generated TinyStories-like dataset in the hub's layout, written to a
 temporary folder, so the tests need neither the network nor ../shared."""
 
+import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,3 +55,27 @@ def stories_dir(tmp_path_factory):
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--eval_iters=2", "--log_interval=1", "--warmup_steps=2", "--learning_rate=3e-3"]
+
+
+def progress_losses(out_dir):
+    """{step: training loss} from out_dir/metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_resume_is_exact(train_run, tmp_path, args, stop_at=8, end=16):
+    """Train to step end; train again from the step-stop_at checkpoint alone, as if the run had
+    stopped there; assert the same loss at every later step and the same final weights. Returns
+    both final checkpoints."""
+    import checkpoint
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_run(straight, *args)
+    resumed.mkdir()
+    shutil.copy(straight / f"ckpt_{stop_at:08d}.pt", resumed)
+    train_run(resumed, *args)
+    losses, resumed_losses = progress_losses(straight), progress_losses(resumed)
+    assert list(resumed_losses) == list(range(stop_at + 1, end + 1))
+    assert all(resumed_losses[s] == losses[s] for s in resumed_losses)  # bit for bit, not approximately
+    a, b = (checkpoint.load(d / f"ckpt_{end:08d}.pt") for d in (straight, resumed))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    return a, b

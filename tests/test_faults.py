@@ -75,6 +75,22 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0_saying_how_to_resume(stories_dir,
     assert checkpoint.load(checkpoint.paths(tmp_path)[0])["step"] == stopped
 
 
+def test_a_second_ctrl_c_quits_at_once(stories_dir, tmp_path, monkeypatch):
+    real_next, calls = train.Batches.__next__, []
+
+    def next_batch(self):  # two Ctrl-Cs in a row, in the middle of a training step
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real_next(self)
+
+    monkeypatch.setattr(train.Batches, "__next__", next_batch)
+    with pytest.raises(KeyboardInterrupt):  # train.py's __main__ turns it into exit code 130
+        train.main(train_args(stories_dir, tmp_path, "--max_steps=100000"))
+    assert not checkpoint.paths(tmp_path)  # it did not wait to save
+
+
 def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *train_args(stories_dir, tmp_path, "--max_steps=100000")],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)

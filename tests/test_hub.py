@@ -5,7 +5,6 @@ points datasets at it, as it would at a mirror or a private hub."""
 import importlib.util
 import json
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import checkpoint
 import sample
 import train
 from config import UserError
-from conftest import TINY, make_stories
+from conftest import TINY, assert_resume_is_exact, make_stories
 from hub_server import HubServer
 from tokenizer import Tokenizer
 
@@ -124,21 +123,10 @@ def test_the_default_dataset_trains_evaluates_and_checkpoints_through_the_hub(hu
 
 
 def test_resume_through_the_hub_continues_exactly_as_an_uninterrupted_run(hub, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ["--max_steps=16", "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
             "--dropout=0.1",  # dropout draws random numbers, so the RNG state must resume too
             "--batch_size=32"]  # about 7 steps to a file: the stream resumes in the second of eight
-    run(straight, *args)
-    resumed.mkdir()
-    shutil.copy(straight / "ckpt_00000008.pt", resumed)  # as if the run had stopped at step 8
-    run(resumed, *args)
-
-    losses = {r["step"]: r["loss"] for r in metrics(straight) if "loss" in r}
-    resumed_losses = {r["step"]: r["loss"] for r in metrics(resumed) if "loss" in r}
-    assert list(resumed_losses) == list(range(9, 17))
-    assert all(resumed_losses[s] == losses[s] for s in resumed_losses)  # bit for bit, not approximately
-    a, b = checkpoint.load(straight / "ckpt_00000016.pt"), checkpoint.load(resumed / "ckpt_00000016.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = assert_resume_is_exact(run, tmp_path, args)
     # Not a["data"] == b["data"]: after a resume, datasets' state of a stream of several files keeps
     # a stale note of the file it last read ahead from, which its next resume does not use. The two
     # checkpoints must go on with the same text.

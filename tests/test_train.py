@@ -2,15 +2,13 @@
 
 import json
 import math
-import shutil
 
 import pytest
-import torch
 
 import checkpoint
 import train
 from config import UserError
-from conftest import TINY
+from conftest import TINY, assert_resume_is_exact
 
 
 def run(stories_dir, out_dir, *extra):
@@ -39,20 +37,9 @@ def test_training_lowers_the_loss_and_writes_metrics_and_a_checkpoint(stories_di
 @pytest.mark.parametrize("length", ["--max_steps=16", "--stages=8,8", "--stages=4,12"],
                          ids=["plain", "at-a-stage-boundary", "in-the-middle-of-a-stage"])
 def test_resume_continues_exactly_as_an_uninterrupted_run(stories_dir, tmp_path, length):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = [length, "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
             "--dropout=0.1"]  # dropout draws random numbers, so the RNG state must resume too
-    run(stories_dir, straight, *args)
-    resumed.mkdir()
-    shutil.copy(straight / "ckpt_00000008.pt", resumed)  # as if the run had stopped at step 8
-    run(stories_dir, resumed, *args)
-
-    losses = {r["step"]: r["loss"] for r in metrics(straight) if "loss" in r}
-    resumed_losses = {r["step"]: r["loss"] for r in metrics(resumed) if "loss" in r}
-    assert list(resumed_losses) == list(range(9, 17))
-    assert all(resumed_losses[s] == losses[s] for s in resumed_losses)  # bit for bit, not approximately
-    a, b = checkpoint.load(straight / "ckpt_00000016.pt"), checkpoint.load(resumed / "ckpt_00000016.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = assert_resume_is_exact(lambda out_dir, *extra: run(stories_dir, out_dir, *extra), tmp_path, args)
     assert a["data"] == b["data"]
     assert str(a["optimizer"]) == str(b["optimizer"])
 

@@ -21,12 +21,12 @@ SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) in
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 
 # --- training ---
-MAX_STEPS = 3000  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 4000  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory
-LEARNING_RATE = 3e-3  # peak learning rate, reached after warmup
-MIN_LR = 3e-4  # the cosine decay ends here at MAX_STEPS
+LEARNING_RATE = 6e-3  # peak learning rate, reached after warmup
+MIN_LR = 6e-4  # the cosine decay ends here at MAX_STEPS
 WARMUP_STEPS = 100  # linear warmup from 0 to LEARNING_RATE
 WEIGHT_DECAY = 0.1  # AdamW decay on matrices and embeddings (not biases or norms)
 BETA1 = 0.9  # AdamW first-moment decay

@@ -85,7 +85,10 @@ def load(path):
         found = state.get("format") if isinstance(state, dict) else None
         raise UserError(f"checkpoint {path} has format {found}, this code reads format {FORMAT}: "
                         "use the version of the code that wrote it, or train anew")
-    if state.pop("checksum", None) != checksum(state):
+    if "checksum" not in state:
+        raise UserError(f"checkpoint {path} has no checksum: an earlier version of this code wrote it; "
+                        "train anew, or sample from it with that version")
+    if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
     return state
 

@@ -475,7 +475,10 @@ def run(cfg, rank, world_size, device):
         print(f"val_loss={val_loss:.4f} val_bpc={val_loss / math.log(2):.4f}")
         return
 
-    optimizer = model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type)
+    def new_optimizer():
+        return model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type)
+
+    optimizer = new_optimizer()
     every = cfg["holdout_every"]
     batches = Batches(open_split(cfg["dataset"], "train", rank, world_size), tokenizer, cfg["batch_size"],
                       cfg["block_size"], is_line_based(cfg["dataset"]),
@@ -525,8 +528,7 @@ def run(cfg, rank, world_size, device):
             stage = bisect.bisect_right(starts, step) - 1
             if step == starts[stage] and step > 0:
                 # A stage boundary: same weights, fresh AdamW moments and a restarted schedule.
-                optimizer = model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
-                                            device.type)
+                optimizer = new_optimizer()
                 print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
             lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
             for group in optimizer.param_groups:

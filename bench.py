@@ -31,7 +31,7 @@ from train import Batches, first_stories, is_line_based, matmul_rate, open_split
 DEFAULTS = ["--dataset=../shared/data/tinystories"]
 
 
-def explicit_attention(self, x, kv_cache=None, layer=0):
+def explicit_attention(self, x):
     """The reference's attention: q @ k^T, a mask, softmax, @ v, written out."""
     B, T, C = x.shape
     q, k, v = self.c_attn(x).split(C, dim=2)

@@ -44,8 +44,8 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x, start):
-        """x (B, n_head, T, head_dim) at positions start .. start + T - 1, rotated."""
-        T, half = x.size(2), x.size(3) // 2
+        """x (..., T, head_dim) at positions start .. start + T - 1, rotated."""
+        T, half = x.size(-2), x.size(-1) // 2
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -62,21 +62,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:
-            # New positions follow on from what the cache holds; cached keys are stored rotated.
-            start = 0 if kv_cache is None or kv_cache[layer] is None else kv_cache[layer][0].size(2)
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        if kv_cache is not None:
-            if kv_cache[layer] is not None:
-                past_k, past_v = kv_cache[layer]
-                k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-            kv_cache[layer] = (k, v)
-        # A single new query may look at every cached key; a whole sequence needs the causal mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+            q, k = self.rotary(q, 0), self.rotary(k, 0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -119,8 +111,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -166,21 +158,16 @@ class GPT(nn.Module):
         c = self.config
         return 6 * matrix_weights + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        """Logits for every position when training (targets given), else for the last one only.
-
-        kv_cache: None, or a list with one entry per block that sampling reads and extends; the
-        positions of idx then follow on from what the cache already holds.
-        """
+    def forward(self, idx, targets=None):
+        """Logits for every position when training (targets given), else for the last one only."""
         B, T = idx.shape
-        start = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
-        assert start + T <= self.config.block_size, "sequence longer than block_size"
+        assert T <= self.config.block_size, "sequence longer than block_size"
         x = self.transformer.wte(idx)
         if not self.config.rope:
-            x = x + self.transformer.wpe.weight[start:start + T]  # a slice: cheaper than a lookup
+            x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
         x = self.transformer.drop(x)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+        for block in self.transformer.h:
+            x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1, :]), None
@@ -197,37 +184,83 @@ class GPT(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
+    def decode(self, w, idx, start, cache):
+        """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
+        start + T - 1, after the keys and values in cache (n_layer, B, n_head, 2, block_size,
+        head_dim); theirs are written there. Either start is 0 (a prompt) or T is 1 (one character).
+
+        The same computation as forward, written as plain tensor operations over w, the weights as
+        plain tensors by state_dict name. At one character per step every operation is tiny, so its
+        fixed cost is what counts, and an nn.Module call or an nn.Parameter argument costs about as
+        much again. tests/test_model.py holds the two to the same output.
+        """
+        c = self.config
+        B, T = idx.shape
+        end = start + T
+        x = w["transformer.wte.weight"][idx]
+        if not c.rope:
+            x = x + w["transformer.wpe.weight"].narrow(0, start, T)
+        for i, block in enumerate(self.transformer.h):
+            p = f"transformer.h.{i}."
+            h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+            qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
+            qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
+            if c.rope:
+                qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
+            # narrow and select rather than [...] indexing, which costs microseconds per slice
+            cache[i].narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
+            keys, values = cache[i].narrow(3, 0, end).unbind(2)
+            y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, is_causal=T > 1)
+            y = y.transpose(1, 2).reshape(B, T, c.n_embd)
+            x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
+            h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+            h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
+            if c.swiglu:
+                gate, value = h.chunk(2, dim=-1)
+                h = F.silu(gate) * value
+            else:
+                h = F.gelu(h)
+            x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        x = F.layer_norm(x.select(1, -1), (c.n_embd,), w["transformer.ln_f.weight"], w["transformer.ln_f.bias"])
+        return F.linear(x, w["lm_head.weight"])
+
     @torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
                  generator=None, use_cache=True):
         """Continue each row of idx (B, T) by up to max_new_tokens; returns one list of new ids per row.
 
         temperature 0 is greedy decoding; top_k > 0 samples among the k likeliest only. A row stops at
-        eos_id. Past block_size the context slides: with the cache, when it is full it is rebuilt from
-        the last block_size // 2 characters, so every step sees at least that many and the cost per
-        character stays flat; without it every step reruns the last block_size characters.
+        eos_id. Past block_size the context slides: with the key/value cache, when it is full it is
+        rebuilt from the last block_size // 2 characters, so every step sees at least that many and
+        the cost per character stays flat; without it (use_cache=False, the slow reference) every
+        step reruns forward over the last block_size characters.
         """
-        T = self.config.block_size
-        cache = [None] * self.config.n_layer if use_cache else None
-        logits, _ = self(idx[:, -T:], kv_cache=cache)
-        out = [[] for _ in range(idx.size(0))]
-        done = [False] * idx.size(0)
+        c, device = self.config, idx.device
+        T = c.block_size
+        w = {name: t.detach() for name, t in self.state_dict().items()}
+        cache = w["lm_head.weight"].new_empty(c.n_layer, idx.size(0), c.n_head, 2, T, c.n_embd // c.n_head)
+        pos = 0  # positions filled in the cache
+        ids = idx[:, -T:].tolist()  # each row's context so far
+        out = [[] for _ in ids]
+        done = [False] * len(ids)
         for _ in range(max_new_tokens):
-            next_id = pick(logits, temperature, top_k, generator)
-            idx = torch.cat((idx, next_id.to(idx.device)), dim=1)
+            if not use_cache:
+                logits, _ = self(torch.tensor([row[-T:] for row in ids], device=device))
+            elif pos in (0, T):  # the prompt; or the cache is full and starts again from the last T // 2
+                keep = T // 2 if pos else len(ids[0])
+                logits = self.decode(w, torch.tensor([row[-keep:] for row in ids], device=device), 0, cache)
+                pos = keep
+            else:
+                logits = self.decode(w, next_id, pos, cache)
+                pos += 1
+            next_id = pick(logits, temperature, top_k, generator).to(device)
             for row, token in enumerate(next_id[:, 0].tolist()):
+                ids[row].append(token)
                 if not done[row]:
                     out[row].append(token)
                     done[row] = token == eos_id
             if all(done):
                 break
-            if not use_cache:
-                logits, _ = self(idx[:, -T:])
-            elif cache[0][0].size(2) == T:
-                cache = [None] * self.config.n_layer
-                logits, _ = self(idx[:, -(T // 2):], kv_cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)
         return out
 
 
@@ -238,9 +271,11 @@ def pick(logits, temperature, top_k, generator=None):
         return logits.argmax(dim=-1, keepdim=True)
     if top_k:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
-    # Drawn on the CPU: reproducible across devices, and torch.multinomial on MPS can return
-    # out-of-range indices.
-    choice = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
+    # Drawn on the CPU: reproducible across devices, and sampling ops on MPS have returned
+    # out-of-range indices. The largest p_i / e_i, with each e_i drawn from Exp(1), is i with
+    # probability p_i: torch.multinomial's distribution at a third of its cost for one row.
+    probs = F.softmax(logits / temperature, dim=-1)
+    choice = probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
     return ids.gather(1, choice) if top_k else choice
 
 

@@ -1,5 +1,6 @@
 """The GPT module: its size, and decoding with and without the key/value cache."""
 
+import pytest
 import torch
 
 from model import GPT, GPTConfig, pick
@@ -22,23 +23,58 @@ def test_training_forward_returns_logits_for_every_position_and_a_loss():
     assert abs(loss.item() - torch.log(torch.tensor(20.0)).item()) < 0.5  # near uniform at init
 
 
-def test_cached_greedy_output_equals_uncached_within_block_size():
-    model = small_model()
+def larger_weights(model):
+    """At GPT-2's small initial scale attention barely moves the argmax; larger weights make the
+    output hinge on every part of the model, positions included."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.5)
+    return model
+
+
+SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
+def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
+    model = larger_weights(small_model(**switches))
+    idx = torch.randint(0, 20, (2, 12))
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    cache = torch.empty(2, 2, 2, 2, 16, 8)  # n_layer, B, n_head, keys and values, block_size, head_dim
+    with torch.no_grad():
+        steps = [model.decode(w, idx[:, :5], 0, cache)]  # a prompt, then one character at a time
+        steps += [model.decode(w, idx[:, t - 1:t], t - 1, cache) for t in range(6, 13)]
+        for t, logits in zip(range(5, 13), steps):
+            torch.testing.assert_close(logits, model(idx[:, :t])[0])
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
+def test_cached_greedy_output_equals_uncached_within_block_size(switches):
+    model = larger_weights(small_model(**switches))
     idx = torch.randint(0, 20, (2, 3))
     cached = model.generate(idx, 13, temperature=0, use_cache=True)
-    uncached = model.generate(idx, 13, temperature=0, use_cache=False)
-    assert cached == uncached
+    assert cached == model.generate(idx, 13, temperature=0, use_cache=False)
     assert len(cached[0]) == 13
 
 
-def test_cached_greedy_output_equals_uncached_with_rotary_positions():
-    model = small_model(rope=True)
-    with torch.no_grad():  # at GPT-2's small initial scale attention barely moves the argmax;
-        for p in model.parameters():  # larger weights make the output hinge on the positions
-            p.normal_(std=0.5)
-    idx = torch.randint(0, 20, (2, 3))
-    assert model.generate(idx, 13, temperature=0, use_cache=True) == model.generate(idx, 13, temperature=0,
-                                                                                    use_cache=False)
+def test_past_block_size_the_cache_restarts_from_the_last_half_of_the_context(monkeypatch):
+    model = larger_weights(small_model(block_size=8))
+    ids = torch.randint(0, 20, (1, 40))
+    seen = []  # the logits generate picks from at each step
+
+    def pick_the_given_ids(logits, *args):
+        seen.append(logits)
+        return ids[:, 2 + len(seen):3 + len(seen)]
+
+    monkeypatch.setattr("model.pick", pick_the_given_ids)
+    model.generate(ids[:, :3], 37, temperature=0)
+    start = 0  # where the context the cache holds begins
+    for t, logits in zip(range(3, 40), seen, strict=True):
+        if t - start > 8:  # the context no longer fits: the cache starts again from the last 4
+            start = t - 4
+        assert start == 0 or t - start >= 4  # past block_size every step sees at least half of it
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model(ids[:, start:t])[0], msg=f"character {t}")
 
 
 def test_rotary_positions_replace_the_learned_position_table():

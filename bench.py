@@ -12,7 +12,6 @@ Timings are noisy on a shared machine: each figure is the best of a few repeats.
 
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -116,13 +115,17 @@ def peak_rss(cfg):
         for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
             data, out = Path(tmp) / f"{size}.parquet", Path(tmp) / f"out{size}"
             write_parquet(data, stories, size)
-            proc = subprocess.run([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={out}",
-                                   "--max_steps=100", "--log_interval=100", "--eval_interval=100",
-                                   "--eval_iters=5"], capture_output=True, text=True)
+            log = Path(tmp) / "log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={out}",
+                                         "--max_steps=100", "--log_interval=100", "--eval_interval=100",
+                                         "--eval_iters=5"], stdout=f, stderr=subprocess.STDOUT)
+                # wait4 gives this run's own peak; RUSAGE_CHILDREN would give the largest of all runs so far.
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode:
-                sys.exit(proc.stderr)
-            # ru_maxrss of the children is the largest of those run so far, so measure the small one first.
-            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                sys.exit(log.read_text())
+            rss = usage.ru_maxrss / 1024
             print(f"peak RSS, {label:>5} of data ({os.path.getsize(data) / 2**20:,.0f} MB parquet): {rss:,.0f} MB")
         print(f"resume 90% into the 1 GB file: first batch after {resume_seconds(data, 0.9):.2f} s "
               f"(at its start: {resume_seconds(data, 0.0):.2f} s)")
@@ -135,7 +138,8 @@ def resume_seconds(data, fraction):
     rows = iter(ds)
     for _ in range(int(pq.ParquetFile(data).metadata.num_rows * fraction)):
         next(rows)
-    state = {"dataset": ds.state_dict(), "buffer": [], "rest": "", "epoch": 0, "story": 0, "epoch_ids": 0}
+    state = {"dataset": ds.state_dict(), "shards": ds.num_shards, "buffer": [], "rest": "", "epoch": 0, "story": 0,
+             "epoch_ids": 0}
     rows.close()
     start = time.perf_counter()
     batches = Batches(open_split(str(data), "train"), Tokenizer.from_texts(["abc"]), 64, 128)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from config import UserError
 from conftest import make_stories
 from tokenizer import EOS, Tokenizer
 from train import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
@@ -160,3 +161,63 @@ def test_padding_is_read_as_end_of_story_and_is_never_a_target(tmp_path):
     text = "Q: Where is Zoé? A: In the café."
     assert tok.decode(x[0, :len(text) + 1].tolist()) == "<|endoftext|>" + text
     assert (x[0, len(text) + 1:] == EOS).all() and (y[0, len(text):] == PAD).all()
+
+
+def write_row_groups(path, stories, rows_per_group):
+    pq.write_table(pa.table({"text": stories}), path, row_group_size=rows_per_group)
+    return pq.ParquetFile(path).metadata.num_row_groups
+
+
+def test_a_parquet_file_is_streamed_one_row_group_at_a_time(tmp_path):
+    # pyarrow reads a file it scans ahead to its end in the background, holding what it decoded:
+    # a scan per row group (a shard each) keeps that to one row group. bench.py --rss measures the
+    # memory itself; here, that the shards are row groups, and that ranks split them.
+    stories = make_stories(40, 0)
+    path = tmp_path / "groups.parquet"
+    assert write_row_groups(path, stories, 10) == 4
+    assert open_split(str(path), "train").num_shards == 4
+    seen = [first_stories(open_split(str(path), "train", rank, 2), False, 40) for rank in (0, 1)]
+    assert seen == [stories[0:10] + stories[20:30], stories[10:20] + stories[30:40]]
+
+
+def test_a_resume_does_not_read_the_row_groups_before_its_position(tmp_path):
+    stories = make_stories(400, 0)
+    path = tmp_path / "groups.parquet"
+    write_row_groups(path, stories, 50)
+    tok = Tokenizer.from_texts(stories)
+    first = Batches(open_split(str(path), "train"), tok, batch_size=4, block_size=100)
+    ids = windows(first, 100)
+    state = first.state_dict()
+    first.close()
+    # Overwrite the row groups before the one the last story read came from (one story a row), all
+    # but the last of them: a resume that read them to skip them would fail. datasets does read that
+    # last one again: its position is saved as the end of the row group before the current one.
+    current = (first.story - 1) // 50
+    assert current >= 3
+    meta = pq.ParquetFile(path).metadata
+    with open(path, "r+b") as f:
+        for group in range(current - 1):
+            column = meta.row_group(group).column(0)
+            f.seek(column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset)
+            f.write(b"\0" * column.total_compressed_size)
+    with pytest.raises(OSError):  # they are unreadable from the start
+        first_stories(open_split(str(path), "train"), False, 10)
+    resumed = Batches(open_split(str(path), "train"), tok, batch_size=4, block_size=100)
+    resumed.load_state_dict(state)
+    ids += windows(resumed, 40)
+    assert ids == stream(stories, tok)[:len(ids)]
+
+
+def test_a_data_position_counted_in_other_shards_is_refused(tmp_path):
+    stories = make_stories(40, 0)
+    path = tmp_path / "groups.parquet"
+    write_row_groups(path, stories, 10)
+    batches = Batches(open_split(str(path), "train"), Tokenizer.from_texts(stories), 1, 50)
+    next(batches)
+    state = batches.state_dict()
+    batches.close()
+    write_row_groups(path, stories, 20)  # the same stories in other row groups
+    for shards in (None, 4):  # a position from before shards were row groups; the data has changed
+        state["shards"] = shards
+        with pytest.raises(UserError, match="shards"):
+            Batches(open_split(str(path), "train"), Tokenizer.from_texts(stories), 1, 50).load_state_dict(state)

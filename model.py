@@ -239,20 +239,12 @@ class GPT(nn.Module):
         T = c.block_size
         w = {name: t.detach() for name, t in self.state_dict().items()}
         cache = w["lm_head.weight"].new_empty(c.n_layer, idx.size(0), c.n_head, 2, T, c.n_embd // c.n_head)
-        pos = 0  # positions filled in the cache
         ids = idx[:, -T:].tolist()  # each row's context so far
         out = [[] for _ in ids]
         done = [False] * len(ids)
+        pos = len(ids[0])  # positions the cache holds
+        logits = self.decode(w, idx[:, -T:], 0, cache) if use_cache else self(idx[:, -T:])[0]
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(torch.tensor([row[-T:] for row in ids], device=device))
-            elif pos in (0, T):  # the prompt; or the cache is full and starts again from the last T // 2
-                keep = T // 2 if pos else len(ids[0])
-                logits = self.decode(w, torch.tensor([row[-keep:] for row in ids], device=device), 0, cache)
-                pos = keep
-            else:
-                logits = self.decode(w, next_id, pos, cache)
-                pos += 1
             next_id = pick(logits, temperature, top_k, generator).to(device)
             for row, token in enumerate(next_id[:, 0].tolist()):
                 ids[row].append(token)
@@ -261,6 +253,14 @@ class GPT(nn.Module):
                     done[row] = token == eos_id
             if all(done):
                 break
+            if not use_cache:
+                logits, _ = self(torch.tensor([row[-T:] for row in ids], device=device))
+            elif pos == T:  # the cache is full: it starts again from the last T // 2 characters
+                logits = self.decode(w, torch.tensor([row[-(T // 2):] for row in ids], device=device), 0, cache)
+                pos = T // 2
+            else:
+                logits = self.decode(w, next_id, pos, cache)
+                pos += 1
         return out
 
 

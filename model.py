@@ -6,8 +6,9 @@ embeddings instead of learned ones (rope), a SwiGLU MLP instead of GELU (swiglu)
 that shares the token embedding's weights (tie_weights).
 
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
-kernel on CPU and GPU. Sampling keeps a key/value cache so each new character costs one
-position's worth of work instead of the whole context.
+kernel on CPU and GPU. Sampling runs decode, the same forward pass written over plain weight
+tensors, with a key/value cache: each new character costs one position's work, not the whole
+context's.
 """
 
 import math

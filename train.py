@@ -348,12 +348,13 @@ def plot_losses(out_dir, chars_per_step):
 
 def checkpoint_state(step, model, optimizer, tokenizer, cfg, batches, device):
     """Everything a run needs to continue exactly; every rank must call it (it gathers)."""
-    stage = bisect.bisect_left(stage_starts(cfg), step) - 1  # the stage of the last step taken
+    starts = stage_starts(cfg)
+    stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
     return {
         "format": checkpoint.FORMAT,
         "step": step,
         "stage": stage + 1,
-        "stage_step": step - stage_starts(cfg)[stage],
+        "stage_step": step - starts[stage],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "model_args": asdict(model.config),

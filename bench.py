@@ -23,9 +23,9 @@ import torch
 from torch.nn import functional as F
 
 import config
-from model import GPT, GPTConfig, pick_device
+from data import Batches, open_split, training_batches, vocabulary_stories
+from model import GPT, GPTConfig, matmul_rate, pick_device
 from tokenizer import Tokenizer
-from train import Batches, first_stories, is_line_based, matmul_rate, open_split
 
 DEFAULTS = ["--dataset=../shared/data/tinystories"]
 
@@ -90,8 +90,7 @@ def sample_rate(model, n, batch=1, use_cache=True, threads=1):
 
 def loader_rate(cfg, tokenizer, batches=200):
     """Characters/s the streaming loader produces, tokenizing included."""
-    loader = Batches(open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"],
-                     is_line_based(cfg["dataset"]))
+    loader = training_batches(cfg, tokenizer, held_out=False)
     seconds = best_of(1, lambda: [next(loader) for _ in range(batches)])
     loader.close()
     return batches * cfg["batch_size"] * (cfg["block_size"] + 1) / seconds
@@ -110,7 +109,7 @@ def write_parquet(path, stories, size):
 
 def peak_rss(cfg):
     """Peak resident memory of a 100-step training run on 10 MB and on 1 GB of generated data."""
-    stories = first_stories(open_split(cfg["dataset"], "train"), is_line_based(cfg["dataset"]), 10_000)
+    stories = vocabulary_stories(cfg["dataset"], 10_000)
     with tempfile.TemporaryDirectory() as tmp:
         for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
             data, out = Path(tmp) / f"{size}.parquet", Path(tmp) / f"out{size}"
@@ -155,8 +154,7 @@ def main(argv):
     if rss:
         return peak_rss(cfg)
     device = pick_device(cfg["device"])
-    tokenizer = Tokenizer.from_texts(first_stories(open_split(cfg["dataset"], "train"),
-                                                   is_line_based(cfg["dataset"]), cfg["tokenizer_stories"]))
+    tokenizer = Tokenizer.from_texts(vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"]))
 
     def make():
         torch.manual_seed(0)

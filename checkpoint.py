@@ -1,23 +1,30 @@
 """Checkpoints on disk: written atomically, checksummed, the newest few kept, loaded without
-pickled code.
+pickled code; and whether a checkpoint can continue under the settings given.
 
 A checkpoint is one torch.save'd dict of tensors, numbers, strings, lists and dicts, so
 torch.load(weights_only=True) can read it. Its keys: format, step, model, optimizer,
-model_args, config, tokenizer, data, rng and the rest (see train.py's checkpoint_state), and a
+model_args, config, tokenizer, data, rng and the rest (see capture), and a
 checksum of all of them: torch.load alone does not notice a damaged byte inside a tensor.
 """
 
+import bisect
 import hashlib
 import os
+import random
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from config import UserError
+from model import GPTConfig
 
 FORMAT = 1  # raised whenever the layout of a checkpoint changes
 PATTERN = "ckpt_*.pt"
+# The model settings a checkpoint must share with the config to be resumed.
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights")
 
 
 def paths(out_dir):
@@ -42,6 +49,49 @@ def checksum(obj, h=None):
     else:
         h.update(repr(obj).encode())
     return h.hexdigest()
+
+
+def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device):
+    """Everything a run needs to continue exactly, after step steps of a run whose stages start
+    at the steps in starts; every rank must call it (it gathers each rank's data and RNG)."""
+    stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
+    return {
+        "format": FORMAT,
+        "step": step,
+        "stage": stage + 1,
+        "stage_step": step - starts[stage],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_args": asdict(model.config),
+        "config": cfg,
+        "tokenizer": tokenizer.state_dict(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "data": gather(batches.state_dict()),  # one per rank
+        "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
+                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
+    }
+
+
+def restore(state, rank, model, optimizer, batches, device):
+    """Put model, optimizer, this rank's data stream and RNGs back as capture found them; the step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["data"][rank])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return state["step"]
+
+
+def gather(obj):
+    """obj from every rank, as a list in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def save(state, out_dir, keep):
@@ -108,3 +158,32 @@ def load_newest(out_dir):
         raise UserError(f"no intact checkpoint in {out_dir}: start a fresh run with --resume=False "
                         "(or --out_dir=<new folder>)")
     return None
+
+
+def check_writable(out_dir):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): choose a writable folder") from e
+
+
+def check_resumable(state, path, cfg, world_size):
+    """Refuse a checkpoint that this config cannot continue, saying what differs."""
+    for key in MODEL_KEYS:
+        saved = state["model_args"].get(key, getattr(GPTConfig, key))  # checkpoints older than a switch lack it
+        if saved != cfg[key]:
+            raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
+                            f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
+                            "--out_dir=<new folder> to train a new model")
+    if cfg["eval_only"]:
+        return
+    if state["world_size"] != world_size:
+        raise UserError(f"{path} was written by a run of {state['world_size']} processes, this one has "
+                        f"{world_size}: resume it with as many (torchrun --nproc_per_node={state['world_size']}"
+                        f"{' ...' if state['world_size'] > 1 else ' or plain python'}) so every data stream goes on")
+    if state["config"]["dataset"] != cfg["dataset"]:
+        raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
+                        f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")

@@ -12,6 +12,7 @@ context's.
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -278,6 +279,17 @@ def pick(logits, temperature, top_k, generator=None):
     probs = F.softmax(logits / temperature, dim=-1)
     choice = probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
     return ids.gather(1, choice) if top_k else choice
+
+
+def matmul_rate(device, n=2048):
+    """The float32 matrix-product rate of device in FLOP/s: the yardstick of MFU."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        (a @ b).sum().item()  # .item() waits for an asynchronous device to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
 def pick_device(name):

@@ -10,7 +10,7 @@ import pytest
 from config import UserError
 from conftest import make_stories
 from tokenizer import EOS, Tokenizer
-from train import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
+from data import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
 
 
 def windows(batches, n):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import train
 from config import UserError
 from conftest import TINY, make_stories
@@ -47,7 +48,7 @@ def test_each_rank_streams_its_own_stories(tmp_path, files):
     (tmp_path / "data").mkdir()
     for i in range(files):
         pq.write_table(pa.table({"text": stories[i::files]}), tmp_path / f"data/train-{i:05d}-of-{files:05d}.parquet")
-    seen = [set(train.first_stories(train.open_split(str(tmp_path), "train", rank, 2), False, 40))
+    seen = [set(data.first_stories(data.open_split(str(tmp_path), "train", rank, 2), False, 40))
             for rank in (0, 1)]
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == set(stories)

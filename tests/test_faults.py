@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import sample
 import train
 from config import UserError
@@ -76,7 +77,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0_saying_how_to_resume(stories_dir,
 
 
 def test_a_second_ctrl_c_quits_at_once(stories_dir, tmp_path, monkeypatch):
-    real_next, calls = train.Batches.__next__, []
+    real_next, calls = data.Batches.__next__, []
 
     def next_batch(self):  # two Ctrl-Cs in a row, in the middle of a training step
         calls.append(1)
@@ -85,7 +86,7 @@ def test_a_second_ctrl_c_quits_at_once(stories_dir, tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)
         return real_next(self)
 
-    monkeypatch.setattr(train.Batches, "__next__", next_batch)
+    monkeypatch.setattr(data.Batches, "__next__", next_batch)
     with pytest.raises(KeyboardInterrupt):  # train.py's __main__ turns it into exit code 130
         train.main(train_args(stories_dir, tmp_path, "--max_steps=100000"))
     assert not checkpoint.paths(tmp_path)  # it did not wait to save

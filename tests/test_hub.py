@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import sample
 import train
 from config import UserError
@@ -141,7 +142,7 @@ def without_stream(data):
 def next_batch(state):
     """The training batch that comes after the checkpoint state."""
     cfg, tokenizer = state["config"], Tokenizer.from_state_dict(state["tokenizer"])
-    batches = train.Batches(train.open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"])
+    batches = data.Batches(data.open_split(cfg["dataset"], "train"), tokenizer, cfg["batch_size"], cfg["block_size"])
     batches.load_state_dict(state["data"][0])
     try:
         return next(batches)[0]

@@ -30,6 +30,14 @@ from tokenizer import Tokenizer
 DEFAULTS = ["--dataset=../shared/data/tinystories"]
 
 
+# The rows are a markdown table, named as the README's speed table names them.
+HEADER = "| | this project | reference |\n|---|---|---|"
+
+
+def row(name, ours, ref=""):
+    print(f"| {name} | {ours} | {ref} |")
+
+
 def explicit_attention(self, x):
     """The reference's attention: q @ k^T, a mask, softmax, @ v, written out."""
     B, T, C = x.shape
@@ -110,6 +118,7 @@ def write_parquet(path, stories, size):
 def peak_rss(cfg):
     """Peak resident memory of a 100-step training run on 10 MB and on 1 GB of generated data."""
     stories = vocabulary_stories(cfg["dataset"], 10_000)
+    print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
             data, out = Path(tmp) / f"{size}.parquet", Path(tmp) / f"out{size}"
@@ -124,10 +133,10 @@ def peak_rss(cfg):
                 proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode:
                 sys.exit(log.read_text())
-            rss = usage.ru_maxrss / 1024
-            print(f"peak RSS, {label:>5} of data ({os.path.getsize(data) / 2**20:,.0f} MB parquet): {rss:,.0f} MB")
-        print(f"resume 90% into the 1 GB file: first batch after {resume_seconds(data, 0.9):.2f} s "
-              f"(at its start: {resume_seconds(data, 0.0):.2f} s)")
+            row(f"peak RSS of a 100-step run, {label} of data", f"{usage.ru_maxrss / 1024:,.0f} MB "
+                f"({os.path.getsize(data) / 2**20:,.0f} MB parquet)")
+        row("first batch after resuming 90% into the 1 GB file", f"{resume_seconds(data, 0.9):.2f} s "
+            f"(at its start: {resume_seconds(data, 0.0):.2f} s)")
 
 
 def resume_seconds(data, fraction):
@@ -166,12 +175,12 @@ def main(argv):
     peak = matmul_rate(device)
     flops = model.flops_per_char()
     print(f"device {device}, {torch.get_num_threads()} threads; model {model.num_params():,} parameters, "
-          f"batch {cfg['batch_size']} x {cfg['block_size']}")
-    print(f"float32 matrix products: {peak / 1e9:,.0f} GFLOP/s; the model: {flops / 1e6:.2f} MFLOP per "
-          f"character (forward and backward), a limit of {peak / flops:,.0f} char/s")
+          f"{flops / 1e6:.2f} MFLOP per character (forward and backward)")
+    print(HEADER)
+    row("float32 matrix products, 2048 x 2048", f"{peak / 1e9:,.0f} GFLOP/s, a limit of {peak / flops:,.0f} char/s")
     ours, ref = train_rate(model, cfg, device), train_rate(reference(make()), cfg, device)
-    print(f"training:  {ours:9,.0f} char/s  MFU {ours * flops / peak:.0%}   reference {ref:9,.0f} char/s  "
-          f"({ours / ref:.2f}x)")
+    row("training (forward, backward, AdamW)", f"{ours:,.0f} char/s at batch {cfg['batch_size']} x "
+        f"{cfg['block_size']}, MFU {ours * flops / peak:.0%}", f"{ref:,.0f} char/s ({ours / ref:.2f}x)")
 
     model.eval()
     ref_model = reference(make()).eval()
@@ -179,12 +188,11 @@ def main(argv):
     cached, short = sample_rate(model, 2000), sample_rate(model, 200)
     # The reference at whichever thread count suits it better.
     uncached = max(sample_rate(ref_model, T - 1, use_cache=False, threads=n) for n in (1, torch.get_num_threads()))
-    print(f"sampling:  {cached:9,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)   "
-          f"reference {uncached:9,.0f} char/s over {T - 1}  ({cached / uncached:.2f}x)")
-    print(f"sampling, --num_samples=16: {sample_rate(model, 500, batch=16):,.0f} char/s")
+    row("sampling, one stream, top-k 20", f"{cached:,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)",
+        f"{uncached:,.0f} char/s over {T - 1} ({cached / uncached:.2f}x)")
+    row("sampling, --num_samples=16", f"{sample_rate(model, 500, batch=16):,.0f} char/s")
     loader = loader_rate(cfg, tokenizer)
-    print(f"loader:    {loader:9,.0f} char/s  ({loader / ours:.1f}x what training consumes)")
-
+    row("loader (stream, tokenize, pack)", f"{loader:,.0f} char/s, {loader / ours:.0f}x what training consumes")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

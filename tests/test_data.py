@@ -2,6 +2,9 @@
 through a resume and across epochs; every supported kind of local data."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,8 +12,8 @@ import pytest
 
 from config import UserError
 from conftest import make_stories
-from tokenizer import EOS, Tokenizer
 from data import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
+from tokenizer import EOS, Tokenizer
 
 
 def windows(batches, n):
@@ -221,3 +224,10 @@ def test_a_data_position_counted_in_other_shards_is_refused(tmp_path):
         state["shards"] = shards
         with pytest.raises(UserError, match="shards"):
             Batches(open_split(str(path), "train"), Tokenizer.from_texts(stories), 1, 50).load_state_dict(state)
+
+
+def test_the_data_pipeline_and_the_benchmark_do_not_import_the_training_script():
+    code = "import sys, data, bench, sample; assert 'train' not in sys.modules, 'train was imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -126,3 +126,17 @@ def test_training_draws_the_loss_curve_when_matplotlib_is_installed(stories_dir,
     pytest.importorskip("matplotlib")
     run(stories_dir, tmp_path, "--max_steps=4", "--eval_interval=2")
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_shorter_than_the_default_warmup_scales_the_warmup_and_says_so(stories_dir, tmp_path, capsys):
+    argv = [f"--dataset={stories_dir}", f"--out_dir={tmp_path}", *[a for a in TINY if "warmup" not in a],
+            "--max_steps=50", "--eval_interval=1000"]
+    train.main(argv)
+    assert "note: warmup of 5 steps, a tenth of the 50-step run" in capsys.readouterr().out
+    lr = {r["step"]: r["lr"] for r in metrics(tmp_path) if "lr" in r}
+    assert lr[5] == pytest.approx(3e-3) and lr[1] == pytest.approx(3e-3 / 5)
+
+
+def test_a_warmup_asked_for_by_name_that_is_longer_than_the_run_is_refused():
+    with pytest.raises(UserError, match="--warmup_steps=60 is longer than the run"):
+        train.settings(["--max_steps=50", "--warmup_steps=60"])

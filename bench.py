@@ -127,7 +127,7 @@ def peak_rss(cfg):
             with open(log, "w") as f:
                 proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={out}",
                                          "--max_steps=100", "--log_interval=100", "--eval_interval=100",
-                                         "--eval_iters=5"], stdout=f, stderr=subprocess.STDOUT)
+                                         "--eval_chars=50000"], stdout=f, stderr=subprocess.STDOUT)
                 # wait4 gives this run's own peak; RUSAGE_CHILDREN would give the largest of all runs so far.
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode = os.waitstatus_to_exitcode(status)

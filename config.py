@@ -39,8 +39,8 @@ COMPILE = False  # torch.compile the model (CUDA and CPU; ignored on MPS)
 # --- evaluation and progress ---
 LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every this many steps
 EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
-EVAL_ITERS = 20  # validation batches, the same text every time
-EVAL_ONLY = False  # evaluate the newest checkpoint on DATASET's validation split, then exit
+EVAL_CHARS = 500_000  # validation characters: the whole split up to this (0: no limit), else a sample across it
+EVAL_ONLY = False  # evaluate the newest checkpoint on the whole validation split (unless --eval_chars), then exit
 
 # --- checkpoints ---
 OUT_DIR = "checkpoints"  # checkpoints and metrics.jsonl go here

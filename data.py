@@ -10,6 +10,8 @@ run reads on from exactly where the stopped one was. With no validation split, e
 HOLDOUT_EVERY-th training story is held out to validate on (held_out), and training skips it.
 """
 
+from contextlib import closing
+from itertools import islice
 from pathlib import Path
 
 import datasets
@@ -98,16 +100,23 @@ def row_text(row):
     return row["text"]
 
 
+def stories(ds, lines):
+    """The stories of a split, one after another."""
+    rows, rest = iter(ds), ""
+    try:
+        for row in rows:
+            complete, rest = split_stories(rest + row_text(row), lines)
+            yield from complete
+        if rest.strip():
+            yield rest.strip()
+    finally:
+        rows.close()  # a stream left open complains at exit
+
+
 def first_stories(ds, lines, n):
     """The first n stories of a split, to build the vocabulary from."""
-    stories, rest, rows = [], "", iter(ds)
-    for row in rows:
-        complete, rest = split_stories(rest + row_text(row), lines)
-        stories += complete
-        if len(stories) >= n:
-            break
-    rows.close()  # a stream left open complains at exit
-    return (stories + [rest.strip()])[:n] if rest.strip() else stories[:n]
+    with closing(stories(ds, lines)) as it:
+        return list(islice(it, n))
 
 
 def vocabulary_stories(dataset, n):
@@ -139,27 +148,35 @@ class Batches:
     windows of block_size + 1 ids, so every character lands in exactly one window. A story short
     enough to fit in a window is never cut in two: if it would be, the rest of the window is
     padding and the story starts the next one, so short texts are learned whole from their
-    first character (padding is never a target). At the end
-    of the data the stream starts over: the next epoch. keep(i), if given, says whether the
-    i-th story of an epoch is used (a held-out validation set takes the rest).
+    first character (padding is never a target). At the end of the data the stream starts
+    over: the next epoch; or, with once=True, the last batch is what is left, its last window
+    padded, and the iteration ends. keep(i), if given, says whether the i-th story of an epoch is
+    used (a held-out validation set takes the rest).
 
     The state is the dataset's own stream position (its state_dict, a shard and a row within it,
     and the number of shards) plus what has been read and not yet batched: the ids in the buffer
     and the unfinished part of a story.
     """
 
-    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None):
-        self.ds, self.tokenizer, self.lines, self.keep = ds, tokenizer, lines, keep
+    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False):
+        self.ds, self.tokenizer, self.lines, self.keep, self.once = ds, tokenizer, lines, keep, once
         self.size = (batch_size, block_size + 1)
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
         self.buffer, self.rest, self.epoch, self.story, self.epoch_ids = [], "", 0, 0, 0
 
+    def __iter__(self):
+        return self
+
     def __next__(self):
         n = self.size[0] * self.size[1]
-        while len(self.buffer) < n:
+        while len(self.buffer) < n and not (self.once and self.epoch):
             self._read_row()
-        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(self.size)
+        if not self.buffer:
+            raise StopIteration
+        n = min(n, len(self.buffer) + -len(self.buffer) % self.size[1])  # once: the windows that are left
+        self.buffer.extend([PAD] * (n - len(self.buffer)))
+        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(-1, self.size[1])
         del self.buffer[:n]
         return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
 
@@ -179,8 +196,8 @@ class Batches:
             self.epoch += 1
             self.ds.load_state_dict(self.start)
             return
-        stories, self.rest = split_stories(self.rest + row_text(row), self.lines)
-        for story in stories:
+        complete, self.rest = split_stories(self.rest + row_text(row), self.lines)
+        for story in complete:
             self._add(story)
 
     def _add(self, story):
@@ -227,21 +244,56 @@ def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
 
 
 def validation_batches(cfg, tokenizer, rank=0, world_size=1):
-    """(the EVAL_ITERS batches every evaluation uses, the same text each time; whether they were
-    held out of the training split because the data has no validation split)."""
-    lines, every = is_line_based(cfg["dataset"]), cfg["holdout_every"]
-    ds, keep = open_split(cfg["dataset"], "validation", rank, world_size), None
-    if ds is None:
+    """(the batches every evaluation reads, the same text each time, every character of it once;
+    whether that text was held out of the training split; what it is, in words).
+
+    The validation text is the whole validation split where it holds at most EVAL_CHARS characters
+    (0: no limit). A larger split is sampled across its whole length, not just its start, which
+    can be easier or harder than the rest: every k-th story, k the smallest power of two that
+    brings it within EVAL_CHARS (so at least half of EVAL_CHARS). Without a validation split it is
+    the held-out training stories, the first EVAL_CHARS characters of them, read from the start
+    of the split so that a large training split is not read through before the first step."""
+    lines, every, limit = is_line_based(cfg["dataset"]), cfg["holdout_every"], cfg["eval_chars"] or float("inf")
+    ds, held_out = open_split(cfg["dataset"], "validation", rank, world_size), False
+    if ds is not None:
+        text, k = spread_sample(stories(ds, lines), limit)
+        if not text:
+            raise EmptyData("the validation split holds no text")
+        about = "the whole validation split" if k == 1 else f"every {k}th story of the validation split"
+    else:
         print(f"note: no validation split; every {every}th training story is held out to validate on")
-        ds, keep = open_split(cfg["dataset"], "train", rank, world_size), lambda i: is_held_out(i, every)
-    batches = Batches(ds, tokenizer, cfg["batch_size"], cfg["block_size"], lines, keep)
-    try:
-        return [next(batches) for _ in range(cfg["eval_iters"])], keep is not None
-    except EmptyData:
-        if keep is None:
-            raise EmptyData("the validation split holds no text") from None
-        print(f"note: fewer than {every} training stories: validating on the training text itself")
-        batches = training_batches(cfg, tokenizer, False, rank, world_size)
-        return [next(batches) for _ in range(cfg["eval_iters"])], False
-    finally:
-        batches.close()
+        ds, held_out = open_split(cfg["dataset"], "train", rank, world_size), True
+        text = first_chars((s for i, s in enumerate(stories(ds, lines)) if is_held_out(i, every)), limit)
+        about = "held-out training stories"
+        if not text:
+            print(f"note: fewer than {every} training stories: validating on the training text itself")
+            ds, held_out = open_split(cfg["dataset"], "train", rank, world_size), False
+            text, about = first_chars(stories(ds, lines), limit), "the training text"
+    ds = datasets.Dataset.from_dict({"text": text}).to_iterable_dataset()  # in memory, at most EVAL_CHARS
+    return list(Batches(ds, tokenizer, cfg["batch_size"], cfg["block_size"], once=True)), held_out, about
+
+
+def spread_sample(stories, limit):
+    """(every k-th of stories, k): k the smallest power of two that keeps their characters within
+    limit. In one pass, holding at most limit characters."""
+    kept, every, size = [], 1, 0
+    for i, story in enumerate(stories):
+        if i % every == 0:
+            kept.append(story)
+            size += len(story)
+            while size > limit and len(kept) > 1:  # drop every other story kept: they are then every 2k-th
+                kept, every = kept[::2], every * 2
+                size = sum(map(len, kept))
+    return kept, every
+
+
+def first_chars(stories, limit):
+    """The first stories of stories that fit within limit characters together (at least one)."""
+    kept, size = [], 0
+    with closing(stories):
+        for story in stories:
+            if kept and size + len(story) > limit:
+                break
+            kept.append(story)
+            size += len(story)
+    return kept

@@ -40,12 +40,12 @@ def settings(argv):
     """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
     cfg = config.load(argv)
     positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
-                "learning_rate", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval",
+                "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
                 "keep_checkpoints", "tokenizer_stories", "holdout_every"]
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, not {cfg[key]}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must not be negative, not {cfg[key]}")
     if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
@@ -67,9 +67,12 @@ def settings(argv):
         cfg["stages"], cfg["max_steps"] = stages, sum(stages)
     else:
         cfg["stages"] = [cfg["max_steps"]]
+    named = {arg.split("=")[0].replace("-", "_").lower()[2:] for arg in argv}  # the settings given by name
+    if cfg["eval_only"] and "eval_chars" not in named:
+        cfg["eval_chars"] = 0  # the whole validation split
     shortest, what = min(cfg["stages"]), "shortest stage" if len(cfg["stages"]) > 1 else "run"
     if cfg["warmup_steps"] > shortest:
-        if any(arg.split("=")[0].replace("-", "_").lower() == "__warmup_steps" for arg in argv):
+        if "warmup_steps" in named:
             raise UserError(f"--warmup_steps={cfg['warmup_steps']} is longer than the {what} ({shortest} steps): "
                             "lower --warmup_steps")
         # Not asked for by name: a short run (--max_steps=50) should just work.
@@ -114,19 +117,19 @@ def stage_starts(cfg):
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
-    """Mean validation loss in nats per character."""
+    """Validation loss in nats per character: the mean over every character of the validation
+    text (of every rank's share of it, under torchrun)."""
     model.eval()
-    losses = []
+    total = torch.zeros(2, device=device)  # summed loss, characters
     for x, y in batches:
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].float())
+            loss = model(x.to(device), y.to(device))[1].float()
+        n = (y != data.PAD).sum().to(device)
+        total += torch.stack([loss * n, n])
     model.train()
-    loss = torch.stack(losses).mean()
-    if dist.is_initialized():  # each rank holds its own share of the validation text
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-        if device.type != "cuda":
-            loss /= dist.get_world_size()  # gloo has no AVG
-    return loss.item()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def format_time(seconds):
@@ -211,11 +214,13 @@ def run(cfg, rank, world_size, device):
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], rope=cfg["rope"],
                           swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"])).to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    val_batches, held_out = data.validation_batches(cfg, tokenizer, rank, world_size)
+    val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
+    val_chars = sum(int((y != data.PAD).sum()) for _, y in val_batches)
+    print(f"validation: {about}, {val_chars:,} characters{' on this rank' if world_size > 1 else ''}")
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
         val_loss = evaluate(model, val_batches, device, autocast)
-        print(f"val_loss={val_loss:.4f} val_bpc={val_loss / math.log(2):.4f}")
+        print(f"val_loss={val_loss:.4f} val_bpc={val_loss / math.log(2):.4f} val_chars={val_chars}")
         return
 
     def new_optimizer():
@@ -285,7 +290,7 @@ def run(cfg, rank, world_size, device):
                 val_loss = evaluate(model, val_batches, device, autocast)
                 print(f"step {step}: val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char)")
                 if metrics:
-                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2))
+                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2), val_chars=val_chars)
                 log_time += time.time() - eval_started  # evaluation is not training time
             if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
                 state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device)

@@ -11,7 +11,7 @@ trap 'rm -rf "$tmp"' EXIT
 question="Q: Où habite Zoé ?"
 text="$question R: Zoé habite à Genève, près du lac."
 printf '%s' "$text" > "$tmp/qa.txt"
-common=(--dataset="$tmp/qa.txt" --batch_size=1 --warmup_steps=5 --learning_rate=3e-3 --min_lr=3e-4 --eval_iters=1
+common=(--dataset="$tmp/qa.txt" --batch_size=1 --warmup_steps=5 --learning_rate=3e-3 --min_lr=3e-4
         --log_interval=1000 --eval_interval=100000 --resume=False "$@")
 echo "| run | steps | mean final loss (nats/char) | seeds reproducing the text |"
 echo "|---|---|---|---|"

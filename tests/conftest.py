@@ -54,7 +54,7 @@ def stories_dir(tmp_path_factory):
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--eval_iters=2", "--log_interval=1", "--warmup_steps=2", "--learning_rate=3e-3"]
+        "--log_interval=1", "--warmup_steps=2", "--learning_rate=3e-3"]
 
 
 def progress_losses(out_dir):

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import config
 from config import UserError
 from conftest import make_stories
-from data import PAD, Batches, EmptyData, first_stories, is_line_based, open_split
+from data import PAD, Batches, EmptyData, first_stories, is_line_based, open_split, validation_batches
 from tokenizer import EOS, Tokenizer
 
 
@@ -231,3 +232,28 @@ def test_the_data_pipeline_and_the_benchmark_do_not_import_the_training_script()
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def validation_stories(batches):
+    """The stories in a list of batches, read back from their windows."""
+    ids = []
+    for x, y in batches:
+        for xr, yr in zip(x.tolist(), y.tolist()):
+            ids += [i for i in xr[:1] + yr if i != PAD]
+    return [s for s in Tokenizer.from_texts(make_stories(40, 1)).decode(ids).split("<|endoftext|>") if s]
+
+
+def test_evaluation_reads_every_character_of_a_small_validation_split_once(stories_dir):
+    cfg = config.load([f"--dataset={stories_dir}", "--batch_size=4", "--block_size=50"])
+    batches, held_out, about = validation_batches(cfg, Tokenizer.from_texts(make_stories(40, 1)))
+    assert validation_stories(batches) == make_stories(40, 1)
+    assert not held_out and about == "the whole validation split"
+
+
+def test_a_large_validation_split_is_sampled_across_its_whole_length(stories_dir):
+    limit = sum(map(len, make_stories(40, 1))) // 5
+    cfg = config.load([f"--dataset={stories_dir}", "--batch_size=4", "--block_size=50", f"--eval_chars={limit}"])
+    batches, _, about = validation_batches(cfg, Tokenizer.from_texts(make_stories(40, 1)))
+    kept = validation_stories(batches)
+    assert kept == make_stories(40, 1)[::8] and about == "every 8th story of the validation split"
+    assert limit / 2 <= sum(map(len, kept)) <= limit

@@ -87,7 +87,7 @@ def test_the_staged_example_reproduces_its_text_under_greedy_decoding(tmp_path):
     text = f"{question} R: Zoé habite à Genève, près du lac."
     (tmp_path / "qa.txt").write_text(text)
     train.main([f"--dataset={tmp_path / 'qa.txt'}", "--stages=30,30", f"--out_dir={tmp_path / 'out'}",
-                "--batch_size=1", "--warmup_steps=5", "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_iters=1", "--seed=1"])
+                "--batch_size=1", "--warmup_steps=5", "--learning_rate=3e-3", "--min_lr=3e-4", "--seed=1"])
     printed = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'out'}", "--greedy",
                               "--prompt", question, "--max_new_tokens=200"],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout

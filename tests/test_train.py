@@ -5,10 +5,16 @@ import math
 
 import pytest
 
+import torch
+
 import checkpoint
+import config
+import data
 import train
 from config import UserError
-from conftest import TINY, assert_resume_is_exact
+from conftest import TINY, assert_resume_is_exact, make_stories
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 
 def run(stories_dir, out_dir, *extra):
@@ -101,7 +107,7 @@ def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_d
     capsys.readouterr()
     run(stories_dir, tmp_path, "--eval_only=True")
     out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert out == f"val_loss={final['val_loss']:.4f} val_bpc={final['val_bpc']:.4f}"
+    assert out == f"val_loss={final['val_loss']:.4f} val_bpc={final['val_bpc']:.4f} val_chars={final['val_chars']}"
 
 
 def test_eval_only_without_a_checkpoint_is_an_error(stories_dir, tmp_path):
@@ -115,10 +121,9 @@ def test_only_the_newest_checkpoints_are_kept(stories_dir, tmp_path):
 
 
 def test_a_dataset_without_validation_split_holds_out_training_stories(tmp_path, capsys):
-    from conftest import make_stories
-    data = tmp_path / "stories.txt"
-    data.write_text("\n<|endoftext|>\n".join(make_stories(60, 0)))
-    run(data, tmp_path / "out", "--max_steps=2")
+    path = tmp_path / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(make_stories(60, 0)))
+    run(path, tmp_path / "out", "--max_steps=2")
     assert "every 20th training story is held out" in capsys.readouterr().out
 
 
@@ -140,3 +145,24 @@ def test_a_run_shorter_than_the_default_warmup_scales_the_warmup_and_says_so(sto
 def test_a_warmup_asked_for_by_name_that_is_longer_than_the_run_is_refused():
     with pytest.raises(UserError, match="--warmup_steps=60 is longer than the run"):
         train.settings(["--max_steps=50", "--warmup_steps=60"])
+
+
+def test_eval_only_evaluates_the_whole_split_unless_told_otherwise():
+    assert train.settings(["--eval_only"])["eval_chars"] == 0
+    assert train.settings(["--eval_only", "--eval_chars=1000"])["eval_chars"] == 1000
+    assert train.settings([])["eval_chars"] == config.EVAL_CHARS
+
+
+def test_the_validation_loss_is_the_mean_over_every_validation_character(stories_dir):
+    import torch.nn.functional as F
+    from contextlib import nullcontext
+    cfg = train.settings([f"--dataset={stories_dir}", *TINY])
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+    batches, _, _ = data.validation_batches(cfg, tok)
+    assert len({len(x) for x, _ in batches}) == 2  # the last batch is smaller, so a mean of batch means would be off
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_head=2, n_embd=32))
+    with torch.no_grad():
+        logits = torch.cat([model(x, y)[0].flatten(0, 1) for x, y in batches])
+        expected = F.cross_entropy(logits, torch.cat([y.flatten() for _, y in batches]), ignore_index=data.PAD)
+    assert train.evaluate(model, batches, torch.device("cpu"), nullcontext()) == pytest.approx(expected.item(), rel=1e-5)

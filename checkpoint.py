@@ -184,6 +184,9 @@ def check_resumable(state, path, cfg, world_size):
         raise UserError(f"{path} was written by a run of {state['world_size']} processes, this one has "
                         f"{world_size}: resume it with as many (torchrun --nproc_per_node={state['world_size']}"
                         f"{' ...' if state['world_size'] > 1 else ' or plain python'}) so every data stream goes on")
+    if state["config"].get("muon", False) != cfg["muon"]:  # the optimizer's state would not fit
+        raise UserError(f"{path} was trained with --muon={state['config'].get('muon', False)}: pass that to resume "
+                        "it, or --out_dir=<new folder>")
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")

@@ -177,14 +177,22 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def optimizer(self, learning_rate, weight_decay, betas, device_type):
-        """AdamW with weight decay on the matrices and embeddings only, not on biases and norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def optimizer(self, learning_rate, weight_decay, betas, device_type, muon=False):
+        """AdamW with weight decay on the matrices and embeddings only, not on biases and norms. With
+        muon, the blocks' matrices go to Muon instead (orthogonalised momentum; its rate scaled to
+        match AdamW's update size, so one learning rate serves both), the rest stays with AdamW."""
+        params = dict(self.named_parameters())
+        hidden = [p for name, p in params.items() if muon and name.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for p in params.values() if not any(p is q for q in hidden)]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        if not hidden:
+            return adamw
+        return Optimizers(adamw, torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                                  adjust_lr_fn="match_rms_adamw"))
 
     def decode(self, w, idx, start, cache):
         """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
@@ -264,6 +272,32 @@ class GPT(nn.Module):
                 logits = self.decode(w, next_id, pos, cache)
                 pos += 1
         return out
+
+
+class Optimizers:
+    """Several optimizers stepped, zeroed, saved and restored as one."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return [o.state_dict() for o in self.optimizers]
+
+    def load_state_dict(self, states):
+        for o, state in zip(self.optimizers, states, strict=True):
+            o.load_state_dict(state)
 
 
 def pick(logits, temperature, top_k, generator=None):

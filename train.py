@@ -48,6 +48,8 @@ def settings(argv):
     for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must not be negative, not {cfg[key]}")
+    if not 0 <= cfg["cooldown"] <= 1:
+        raise UserError(f"--cooldown is a fraction of the run, from 0 to 1, not {cfg['cooldown']}")
     if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
         raise UserError("--dropout, --beta1 and --beta2 must be at least 0 and below 1")
     if cfg["n_embd"] % cfg["n_head"]:
@@ -103,9 +105,13 @@ def setup_distributed(cfg):
 
 def learning_rate(step, steps, cfg):
     """The rate at step of a stage of steps steps (the whole run when it has no stages): linear
-    warmup to LEARNING_RATE, then cosine decay to MIN_LR at the stage's end."""
+    warmup to LEARNING_RATE, then cosine decay to MIN_LR at the stage's end; or, with COOLDOWN,
+    LEARNING_RATE held until the last COOLDOWN of the stage, then a linear decay to MIN_LR."""
     if step < cfg["warmup_steps"]:
         return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
+    if cfg["cooldown"]:
+        left = min(1.0, (steps - step) / (cfg["cooldown"] * steps))  # 1 until the cooldown, then down to 0
+        return cfg["min_lr"] + left * (cfg["learning_rate"] - cfg["min_lr"])
     progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, steps - cfg["warmup_steps"]))
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
 
@@ -224,7 +230,8 @@ def run(cfg, rank, world_size, device):
         return
 
     def new_optimizer():
-        return model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type)
+        return model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type,
+                               cfg["muon"])
 
     optimizer = new_optimizer()
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)

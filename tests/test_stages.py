@@ -92,3 +92,10 @@ def test_the_staged_example_reproduces_its_text_under_greedy_decoding(tmp_path):
                               "--prompt", question, "--max_new_tokens=200"],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert printed == text + "\n"
+
+
+def test_a_stage_boundary_recreates_both_optimizers_under_muon(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--stages=3,3", "--muon")
+    adamw, muon = checkpoint.load(tmp_path / "ckpt_00000004.pt")["optimizer"]
+    assert {int(s["step"]) for s in adamw["state"].values()} == {1}
+    assert muon["state"] and len(muon["param_groups"][0]["params"]) == 4  # attention and MLP matrices

@@ -166,3 +166,24 @@ def test_the_validation_loss_is_the_mean_over_every_validation_character(stories
         logits = torch.cat([model(x, y)[0].flatten(0, 1) for x, y in batches])
         expected = F.cross_entropy(logits, torch.cat([y.flatten() for _, y in batches]), ignore_index=data.PAD)
     assert train.evaluate(model, batches, torch.device("cpu"), nullcontext()) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_muon_run_resumes_exactly_as_an_uninterrupted_run(stories_dir, tmp_path):
+    args = ["--max_steps=16", "--muon", "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8"]
+    a, b = assert_resume_is_exact(lambda out_dir, *extra: run(stories_dir, out_dir, *extra), tmp_path, args)
+    assert str(a["optimizer"]) == str(b["optimizer"])
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2")
+    with pytest.raises(UserError, match="was trained with --muon=False"):
+        run(stories_dir, tmp_path, "--max_steps=4", "--muon")
+
+
+def test_cooldown_holds_the_peak_rate_then_decays_linearly_to_min_lr():
+    cfg = train.settings(["--max_steps=100", "--warmup_steps=10", "--cooldown=0.2", "--learning_rate=1e-2",
+                          "--min_lr=0"])
+    lr = [train.learning_rate(step, 100, cfg) for step in range(100)]
+    assert lr[9] == lr[10] == lr[79] == 1e-2  # warmed up, then held
+    assert lr[80] == pytest.approx(1e-2 * 20 / 20) and lr[90] == pytest.approx(1e-2 * 10 / 20)
+    assert lr[99] == pytest.approx(1e-2 / 20)  # the last step's rate; the weights it leaves are never trained on again

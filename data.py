@@ -125,10 +125,10 @@ def vocabulary_stories(dataset, n):
     ds = open_split(dataset, "train")
     if ds is None:
         raise UserError(f"{dataset} has no train split")
-    stories = first_stories(ds, is_line_based(dataset), n)
-    if not stories:
+    found = first_stories(ds, is_line_based(dataset), n)
+    if not found:
         raise UserError(f"{dataset} holds no text in its train split: check that it is the right data")
-    return stories
+    return found
 
 
 def is_held_out(i, every):

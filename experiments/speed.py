@@ -21,15 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 83  # the tokenizer's vocabulary on ../shared/data/tinystories
-VARIANTS = {"default": {}, "rope": {"rope": True}, "swiglu": {"swiglu": True},
-            "tie_weights": {"tie_weights": True}, "n_layer=2": {"n_layer": 2}}
+# name: (model settings, batch_size, block_size, muon)
+VARIANTS = {"default": ({}, 64, 128, False), "rope": ({"rope": True}, 64, 128, False),
+            "swiglu": ({"swiglu": True}, 64, 128, False), "tie_weights": ({"tie_weights": True}, 64, 128, False),
+            "n_layer=2": ({"n_layer": 2}, 64, 128, False), "muon": ({}, 64, 128, True),
+            "block_size=64": ({}, 64, 64, False), "batch_size=128": ({}, 128, 128, False)}
 
 
-def trainer(overrides, batch_size=64, block_size=128):
+def trainer(overrides, batch_size=64, block_size=128, muon=False):
     """A function that takes one training step of a fresh model, as train.py takes them."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=block_size, **overrides))
-    optimizer = model.optimizer(3e-3, 0.1, (0.9, 0.99), "cpu")
+    optimizer = model.optimizer(3e-3, 0.1, (0.9, 0.99), "cpu", muon)
     x = torch.randint(0, VOCAB, (batch_size, block_size))
 
     def step():
@@ -45,7 +48,7 @@ def trainer(overrides, batch_size=64, block_size=128):
 def main(argv):
     base_steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), None)
     rounds, steps = 5, 5
-    steppers = {name: trainer(overrides) for name, overrides in VARIANTS.items()}
+    steppers = {name: trainer(*variant) for name, variant in VARIANTS.items()}
     best = {name: float("inf") for name in VARIANTS}
     for _ in range(rounds):
         for name, step in steppers.items():
@@ -53,12 +56,13 @@ def main(argv):
             for _ in range(steps):
                 step()
             best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    print(f"{torch.get_num_threads()} threads, batch 64 x 128, best of {rounds} rounds of {steps} steps")
+    print(f"{torch.get_num_threads()} threads, best of {rounds} rounds of {steps} steps")
     for name, seconds in best.items():
         ratio = best["default"] / seconds
         equal = f"  {round(base_steps * ratio)} steps for {base_steps} of the default" if base_steps else ""
-        print(f"{name:12s} {seconds * 1000:6.0f} ms/step  {64 * 128 / seconds:8,.0f} char/s  "
-              f"{ratio:5.2f}x the default's speed{equal}")
+        chars = VARIANTS[name][1] * VARIANTS[name][2]
+        print(f"{name:14s} {seconds * 1000:6.0f} ms/step  {chars / seconds:8,.0f} char/s  "
+              f"{ratio:5.2f}x the default's steps per second{equal}")
 
 
 if __name__ == "__main__":

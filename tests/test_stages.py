@@ -30,7 +30,7 @@ def adam_steps(out_dir, step):
 
 
 def test_a_stage_boundary_recreates_the_optimizer(stories_dir, tmp_path):
-    run(stories_dir, tmp_path, "--stages=3,3")
+    run(stories_dir, tmp_path, "--stages=3,3", "--muon=False")
     assert adam_steps(tmp_path, 3) == {3}
     assert adam_steps(tmp_path, 4) == {1}  # the moments of stage 1 are gone
 
@@ -95,7 +95,7 @@ def test_the_staged_example_reproduces_its_text_under_greedy_decoding(tmp_path):
 
 
 def test_a_stage_boundary_recreates_both_optimizers_under_muon(stories_dir, tmp_path):
-    run(stories_dir, tmp_path, "--stages=3,3", "--muon")
+    run(stories_dir, tmp_path, "--stages=3,3", "--muon=True")
     adamw, muon = checkpoint.load(tmp_path / "ckpt_00000004.pt")["optimizer"]
     assert {int(s["step"]) for s in adamw["state"].values()} == {1}
     assert muon["state"] and len(muon["param_groups"][0]["params"]) == 4  # attention and MLP matrices

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The speedrun's screening runs (README, "The 10-minute CPU speedrun"): each setting trained for
+# 1,000 steps on the slice, the whole warmup and schedule squeezed into them, and its final
+# validation loss over the whole validation split. One table row per setting.
+#     bash experiments/speedrun.sh                                 # every row, one after another
+#     bash experiments/speedrun.sh "--muon --cooldown=0.3 --min_lr=0" ...   # only these settings
+#     OMP_NUM_THREADS=1 bash experiments/speedrun.sh               # as the README's rows were run
+# A setting that changes the cost of a step is compared at equal time by giving it the step count
+# that experiments/speed.py measures for it (--max_steps in the setting overrides the 1,000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+settings=("$@")
+if [ ${#settings[@]} -eq 0 ]; then
+    settings=("" "--cooldown=0.3 --min_lr=0" "--muon" "--muon --learning_rate=1.2e-2 --min_lr=1.2e-3"
+              "--muon --cooldown=0.3 --min_lr=0")
+fi
+echo "| setting | steps | val loss (nats/char) | bits/char |"
+echo "|---|---|---|---|"
+for setting in "${settings[@]}"; do
+    # shellcheck disable=SC2086  # a setting is several flags
+    python train.py --dataset=../shared/data/tinystories --out_dir="$tmp/out" --resume=False --max_steps=1000 \
+        --log_interval=100 --eval_interval=100000 $setting > "$tmp/log"
+    loss=$(grep -o 'val_loss [0-9.]*' "$tmp/log" | tail -1 | cut -d' ' -f2)
+    steps=$(grep -o 'done: [0-9]* steps' "$tmp/log" | cut -d' ' -f2)
+    bpc=$(python -c "import math, sys; print(f'{float(sys.argv[1]) / math.log(2):.4f}')" "$loss")
+    echo "| \`${setting:-defaults}\` | $steps | $loss | $bpc |"
+done

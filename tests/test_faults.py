@@ -257,6 +257,14 @@ def test_a_file_without_a_text_column_is_refused(tmp_path):
         train.main([f"--dataset={tmp_path / 's.jsonl'}", f"--out_dir={tmp_path / 'out'}", *TINY])
 
 
+def test_a_txt_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "bin.txt"
+    path.write_bytes("Once upon a time.\n".encode() * 1000 + b"\xff" + bytes(range(256)))  # past the first block read
+    result = script("train.py", f"--dataset={path}", f"--out_dir={tmp_path / 'out'}", *TINY)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {path} is not UTF-8 text: byte 18,000 (0xff) cannot be decoded")
+
+
 def test_an_unknown_file_type_is_refused(tmp_path):
     (tmp_path / "s.csv").write_text("text\nhello\n")
     with pytest.raises(UserError, match="is not a .txt, .jsonl or .parquet file"):

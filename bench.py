@@ -5,7 +5,7 @@ recomputed for every sampled character).
 
     python bench.py                                    # default model, ../shared/data/tinystories
     python bench.py --dataset=PATH --n_embd=512 --n_layer=8
-    python bench.py --rss                              # peak memory of a run on 10 MB and 1 GB of data
+    python bench.py --rss                              # peak memory of runs on 10 MB and 1 GB of data
 
 Timings are noisy on a shared machine: each figure is the best of a few repeats.
 """
@@ -115,28 +115,46 @@ def write_parquet(path, stories, size):
             writer.write_table(chunk, row_group_size=1000)
 
 
+def write_line(path, stories, size):
+    """A .txt file of about size bytes without a line break or a separator: one line, one story."""
+    chunk = " ".join(s.replace("\n", " ") for s in stories) + " "
+    with open(path, "w") as f:
+        for _ in range(max(1, size // len(chunk))):
+            f.write(chunk)
+
+
 def peak_rss(cfg):
-    """Peak resident memory of a 100-step training run on 10 MB and on 1 GB of generated data."""
+    """Peak resident memory of a 100-step training run on 10 MB and on 1 GB of generated data: parquet,
+    and a .txt file of one line that is one story."""
     stories = vocabulary_stories(cfg["dataset"], 10_000)
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
-            data, out = Path(tmp) / f"{size}.parquet", Path(tmp) / f"out{size}"
-            write_parquet(data, stories, size)
-            log = Path(tmp) / "log"
-            with open(log, "w") as f:
-                proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={out}",
-                                         "--max_steps=100", "--log_interval=100", "--eval_interval=100",
-                                         "--eval_chars=50000"], stdout=f, stderr=subprocess.STDOUT)
-                # wait4 gives this run's own peak; RUSAGE_CHILDREN would give the largest of all runs so far.
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode:
-                sys.exit(log.read_text())
-            row(f"peak RSS of a 100-step run, {label} of data", f"{usage.ru_maxrss / 1024:,.0f} MB "
-                f"({os.path.getsize(data) / 2**20:,.0f} MB parquet)")
-        row("first batch after resuming 90% into the 1 GB file", f"{resume_seconds(data, 0.9):.2f} s "
-            f"(at its start: {resume_seconds(data, 0.0):.2f} s)")
+            parquet = Path(tmp) / f"{size}.parquet"
+            write_parquet(parquet, stories, size)
+            row(f"peak RSS of a 100-step run, {label} of data", f"{run_rss(parquet):,.0f} MB "
+                f"({os.path.getsize(parquet) / 2**20:,.0f} MB parquet)")
+        for label, size in (("10 MB", 10 * 2**20), ("1 GB", 2**30)):
+            txt = Path(tmp) / f"{size}.txt"
+            write_line(txt, stories, size)
+            row(f"peak RSS of a 100-step run, {label} .txt without a line break", f"{run_rss(txt):,.0f} MB "
+                "(one line, one story)")
+        row("first batch after resuming 90% into the 1 GB file", f"{resume_seconds(parquet, 0.9):.2f} s "
+            f"(at its start: {resume_seconds(parquet, 0.0):.2f} s)")
+
+
+def run_rss(data):
+    """Peak resident memory, in MB, of a 100-step run of train.py on data."""
+    log = data.with_suffix(".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={data}", f"--out_dir={data}.out",
+                                 "--max_steps=100", "--log_interval=100", "--eval_interval=100",
+                                 "--eval_chars=50000"], stdout=f, stderr=subprocess.STDOUT)
+        # wait4 gives this run's own peak; RUSAGE_CHILDREN would give the largest of all runs so far.
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(log.read_text())
+    return usage.ru_maxrss / 1024
 
 
 def resume_seconds(data, fraction):

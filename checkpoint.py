@@ -8,6 +8,8 @@ checksum of all of them: torch.load alone does not notice a damaged byte inside 
 """
 
 import bisect
+import errno
+import fcntl
 import hashlib
 import os
 import random
@@ -23,6 +25,12 @@ from model import GPTConfig
 
 FORMAT = 1  # raised whenever the layout of a checkpoint changes
 PATTERN = "ckpt_*.pt"
+LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its process id
+# What to do about a checkpoint that could not be written, by the error number: only a full disk
+# is cured by freeing space.
+FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within the disk quota",
+         errno.EACCES: "make {} writable", errno.EPERM: "make {} writable", errno.EROFS: "make {} writable",
+         errno.ENOENT: "{} was moved or deleted during the run: put it back"}
 # The model settings a checkpoint must share with the config to be resumed.
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights")
 
@@ -117,9 +125,10 @@ def save(state, out_dir, keep):
             os.close(dir_fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        previous = paths(out_dir)[0] if paths(out_dir) else "none"
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint ({previous}) is "
-                        "intact: free some space, then run again to resume from it") from e
+        found = paths(out_dir)
+        fix = FIXES.get(e.errno, "fix that").format(out_dir)
+        then = f" to resume from {found[0]}, which is intact" if found else " again"
+        raise UserError(f"could not write {path} ({e.strerror or e}): {fix}, then run the same command{then}") from e
     for old in paths(out_dir)[keep:] + list(out_dir.glob("ckpt_*.tmp")):  # and leftovers of a killed run
         old.unlink()
     return path
@@ -160,14 +169,29 @@ def load_newest(out_dir):
     return None
 
 
-def check_writable(out_dir):
+def lock(out_dir):
+    """Claim out_dir for this training run, or refuse, naming the run that holds it; the open lock file,
+    which holds the claim until it is closed or the process ends, however it ends (an OS lock: a
+    killed run leaves nothing to clean up). Only this is done to the folder before the claim."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        f = open(out_dir / LOCK, "a+")  # not "w": that would erase the holder's process id
+        if not os.access(out_dir, os.W_OK):  # the lock file may be an earlier run's: the folder itself
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
         raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): choose a writable folder") from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"--out_dir={out_dir} is in use by another training run (process {holder}): wait for it "
+                        "to finish or stop it, or pass --out_dir=<another folder>") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def check_resumable(state, path, cfg, world_size):

@@ -7,7 +7,7 @@ override any constant for one run from the command line, in lower case:
 
 # --- data ---
 DATASET = "roneneldan/TinyStories"  # a hub dataset, a local folder in the hub's layout, or a .txt/.jsonl/.parquet file
-TOKENIZER_STORIES = 10_000  # the vocabulary is every character in this many first training stories
+TOKENIZER_STORIES = 10_000  # the vocabulary: every character in this many first training stories, up to 16M characters
 HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training story is held out to validate on
 
 # --- model ---

@@ -4,10 +4,12 @@
     batches = Batches(ds, tokenizer, batch_size=64, block_size=128)
     x, y = next(batches)                                     # (64, 128) inputs and next-character targets
 
-Everything is streamed with datasets.load_dataset(..., streaming=True): no split is ever held in
-memory whole. A stream's position (Batches.state_dict) goes into every checkpoint, so a resumed
-run reads on from exactly where the stopped one was. With no validation split, every
-HOLDOUT_EVERY-th training story is held out to validate on (held_out), and training skips it.
+Everything is streamed (datasets.load_dataset(..., streaming=True); a .txt file by read_txt): no
+split is ever held in memory whole, nor any line or story: text is read from a .txt file, and
+turned into ids, at most PIECE characters at a time, however long its lines and stories are. A
+stream's position (Batches.state_dict) goes into every checkpoint, so a resumed run reads on from
+exactly where the stopped one was. With no validation split, every HOLDOUT_EVERY-th training
+story is held out to validate on (held_out), and training skips it.
 """
 
 from contextlib import closing
@@ -25,6 +27,8 @@ from tokenizer import EOS
 SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 PAD = -1  # fills the end of a window that the next story does not fit in; ignored by the loss
+PIECE = 1 << 16  # characters: the most text read from a .txt file, or turned into ids, at once
+VOCABULARY_TEXT = 1 << 24  # characters: the vocabulary's stories are cut off after this much text
 
 
 def open_split(dataset, split, rank=0, world_size=1):
@@ -47,9 +51,11 @@ def open_split(dataset, split, rank=0, world_size=1):
         if path.suffix not in BUILDERS:
             raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
                             "--dataset at a folder in the hub's layout")
-        # A .txt file is read by line so that a large one never sits in memory whole.
-        extra = {"sample_by": "line", "keep_linebreaks": True} if path.suffix == ".txt" else {}
-        splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True, **extra)
+        if path.suffix == ".txt":
+            splits = {"train": datasets.IterableDataset.from_generator(
+                read_txt, datasets.Features({"text": datasets.Value("string")}), {"path": str(path)})}
+        else:
+            splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True)
     elif path.is_dir():
         splits = datasets.load_dataset(str(path), streaming=True)
     else:
@@ -65,6 +71,10 @@ def open_split(dataset, split, rank=0, world_size=1):
     ds = splits.get(split)
     if ds is None:
         return None
+    kind = (ds.features or {}).get("text")
+    if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
+        raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
+                        "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
     # One shard per parquet row group rather than per file (other formats stay one per file). Once a
     # scan of a file has begun, pyarrow's threads read and decode all the rest of it ahead of use
     # (datasets' batch_readahead=0 does not stop them), so a run on a 1 GB file held 2.8 GB, one on
@@ -80,42 +90,61 @@ def open_split(dataset, split, rank=0, world_size=1):
     return ds
 
 
+def read_txt(path):
+    """The rows of a .txt file: its lines, a line longer than PIECE characters in pieces of PIECE.
+    (datasets' text builder reads a line whole: a file without line breaks, all at once.) Line
+    breaks are kept, and read as that builder reads them: \\r\\n and \\r become \\n."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            for line in iter(lambda: f.readline(PIECE), ""):
+                yield {"text": line}
+        except UnicodeDecodeError as e:  # e.object: the bytes being decoded, which end where reading got to
+            offset = f.buffer.tell() - len(e.object) + e.start
+            raise UserError(f"{path} is not UTF-8 text: byte {offset:,} (0x{e.object[e.start]:02x}) cannot be "
+                            "decoded; convert it to UTF-8 (iconv -f <its encoding> -t utf-8)") from None
+
+
 def is_line_based(dataset):
     """True where rows are lines of a .txt file rather than whole stories."""
     return Path(dataset).suffix == ".txt" and Path(dataset).is_file()
 
 
-def split_stories(text, lines):
-    """(the complete stories in text, the unfinished rest). A row of a dataset ends its last
-    story; a line of a .txt file does not, only the separator does."""
-    parts = text.split(SEPARATOR)
-    rest = parts.pop() if lines else ""
-    return [s.strip() for s in parts if s.strip()], rest
-
-
-def row_text(row):
+def row_text(row, lines):
+    """The text of a row, ending its last story unless it is a line of a .txt file (there only the
+    separator does); a null row is an empty one."""
     if "text" not in row:
         raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
                         "rename the column that holds the stories to 'text'")
-    return row["text"]
+    return (row["text"] or "") + ("" if lines else SEPARATOR)
 
 
-def stories(ds, lines):
-    """The stories of a split, one after another."""
-    rows, rest = iter(ds), ""
+def stories(ds, lines, limit=float("inf")):
+    """The stories of a split, one after another. Once limit characters have been read, the story
+    being read ends there, and so does the split."""
+    rows, texts, size = iter(ds), [], 0
     try:
         for row in rows:
-            complete, rest = split_stories(rest + row_text(row), lines)
-            yield from complete
-        if rest.strip():
-            yield rest.strip()
+            text = row_text(row, lines)
+            size += len(text)
+            if SEPARATOR in text:  # what was read is joined only when a story ends: once per story
+                *complete, rest = ("".join(texts) + text).split(SEPARATOR)
+                yield from (s.strip() for s in complete if s.strip())
+                texts = [rest]
+            else:
+                texts.append(text)
+            if size >= limit:
+                break
+        rest = "".join(texts).strip()
+        if rest:
+            yield rest
     finally:
         rows.close()  # a stream left open complains at exit
 
 
 def first_stories(ds, lines, n):
-    """The first n stories of a split, to build the vocabulary from."""
-    with closing(stories(ds, lines)) as it:
+    """The first n stories of a split, to build the vocabulary from: those in its first
+    VOCABULARY_TEXT characters, so that a text which never ends a story is not read whole."""
+    with closing(stories(ds, lines, VOCABULARY_TEXT)) as it:
         return list(islice(it, n))
 
 
@@ -153,9 +182,14 @@ class Batches:
     padded, and the iteration ends. keep(i), if given, says whether the i-th story of an epoch is
     used (a held-out validation set takes the rest).
 
+    Text is taken as it is needed, PIECE characters at most at a time: a long row waits in the
+    queue in pieces, and a story longer than two windows (which cannot fit in one) goes into the
+    buffer as it is read rather than once it ends. So memory and the state stay small whatever the
+    length of a line or a story; only a row, which datasets reads whole, is held whole.
+
     The state is the dataset's own stream position (its state_dict, a shard and a row within it,
-    and the number of shards) plus what has been read and not yet batched: the ids in the buffer
-    and the unfinished part of a story.
+    and the number of shards) plus what has been read and not yet batched: the ids in the buffer,
+    the pieces in the queue, and the held-back end of the story being read.
     """
 
     def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False):
@@ -163,7 +197,8 @@ class Batches:
         self.size = (batch_size, block_size + 1)
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
-        self.buffer, self.rest, self.epoch, self.story, self.epoch_ids = [], "", 0, 0, 0
+        self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
+        self.epoch, self.story, self.epoch_ids = 0, 0, 0
 
     def __iter__(self):
         return self
@@ -171,7 +206,10 @@ class Batches:
     def __next__(self):
         n = self.size[0] * self.size[1]
         while len(self.buffer) < n and not (self.once and self.epoch):
-            self._read_row()
+            if self.queue:
+                self._add_text(self.queue.pop(0))
+            else:
+                self._read_row()
         if not self.buffer:
             raise StopIteration
         n = min(n, len(self.buffer) + -len(self.buffer) % self.size[1])  # once: the windows that are left
@@ -189,29 +227,48 @@ class Batches:
             raise UserError(f"the data stopped coming ({type(e).__name__}: {e}); the checkpoints saved so far are "
                             "intact: run the same command again to resume once the data can be read") from e
         if row is None:  # the end of the data: finish its last story, begin the next epoch
-            self._add(self.rest)
+            self._add(self.rest, ends=True)
             if self.epoch_ids == 0:
                 raise EmptyData("the data holds no text to train on")
             self.rows, self.rest, self.story, self.epoch_ids = None, "", 0, 0
             self.epoch += 1
             self.ds.load_state_dict(self.start)
             return
-        complete, self.rest = split_stories(self.rest + row_text(row), self.lines)
-        for story in complete:
-            self._add(story)
+        text = row_text(row, self.lines)
+        self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
 
-    def _add(self, story):
-        story = story.strip()
-        if not story:
-            return
-        self.story += 1
+    def _add_text(self, text):
+        """Add the stories that text ends, and the start of the one it leaves unfinished once that is
+        too long for a window, so that what is held back stays short."""
+        *stories, self.rest = (self.rest + text).split(SEPARATOR)
+        for story in stories:
+            self._add(story, ends=True)
+        if not self.open:
+            self.rest = self.rest.lstrip()
+        if len(self.rest) > 2 * self.size[1]:
+            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
+            # up to a window of it.
+            cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.size[1])
+            self._add(self.rest[:cut], ends=False)
+            self.rest = self.rest[cut:]
+
+    def _add(self, text, ends):
+        """Put text into the buffer as ids: a whole story, or a piece of one longer than a window
+        (ends: the story ends with it)."""
+        text = text.rstrip() if ends else text
+        if not self.open:
+            text = text.lstrip()
+            if not text:
+                return
+            self.story += 1
         if self.keep is None or self.keep(self.story - 1):
-            ids = [EOS] + self.tokenizer.encode(story)
+            ids = ([] if self.open else [EOS]) + self.tokenizer.encode(text)
             used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
-            if len(ids) <= self.size[1] < used + len(ids):
+            if not self.open and len(ids) <= self.size[1] < used + len(ids):
                 self.buffer.extend([PAD] * (self.size[1] - used))
             self.buffer.extend(ids)
             self.epoch_ids += len(ids)
+        self.open = not ends
 
     def close(self):
         if self.rows is not None:
@@ -219,7 +276,8 @@ class Batches:
 
     def state_dict(self):
         return {"dataset": self.ds.state_dict(), "shards": self.ds.num_shards, "buffer": list(self.buffer),
-                "rest": self.rest, "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
+                "queue": list(self.queue), "rest": self.rest, "open": self.open, "epoch": self.epoch,
+                "story": self.story, "epoch_ids": self.epoch_ids}
 
     def load_state_dict(self, state):
         # The stream's position is a shard and a row within it: with other shards it would point
@@ -230,8 +288,14 @@ class Batches:
                             f"{self.ds.num_shards}: the data changed, or an earlier version of this code (which "
                             "counted whole files) saved it; resume with that data and version, or train anew "
                             "in another --out_dir")
+        if state["dataset"]["examples_iterable"]["type"] != self.start["examples_iterable"]["type"]:
+            # Another kind of reader's position, which datasets would fail on (a KeyError) once reading began.
+            raise UserError("the checkpoint's data position was saved by an earlier version of this code, which "
+                            "read .txt files otherwise: resume with that version, or train anew in another "
+                            "--out_dir")
         self.ds.load_state_dict(state["dataset"])
         self.buffer, self.rest = list(state["buffer"]), state["rest"]
+        self.queue, self.open = list(state.get("queue", [])), state.get("open", False)  # older states lack them
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
 
 

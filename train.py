@@ -191,7 +191,10 @@ def main(argv):
     cfg = settings(argv)
     rank, world_size, device = setup_distributed(cfg)
     try:
-        run(cfg, rank, world_size, device)
+        # One run per OUT_DIR: a second would remove or overwrite this one's checkpoints and metrics. Rank 0
+        # holds the lock until the run ends; evaluating and sampling only read, so they need none.
+        with checkpoint.lock(Path(cfg["out_dir"])) if rank == 0 and not cfg["eval_only"] else nullcontext():
+            run(cfg, rank, world_size, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -212,8 +215,6 @@ def start(cfg, world_size, out_dir):
 
 def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
-    if rank == 0 and not cfg["eval_only"]:
-        checkpoint.check_writable(out_dir)
     path, state, tokenizer = start(cfg, world_size, out_dir)
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],

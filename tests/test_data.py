@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import config
+import data
 from config import UserError
 from conftest import make_stories
-from data import PAD, Batches, EmptyData, first_stories, is_line_based, open_split, validation_batches
+from data import PAD, SEPARATOR, Batches, EmptyData, first_stories, is_line_based, open_split, validation_batches
 from tokenizer import EOS, Tokenizer
 
 
@@ -103,13 +105,90 @@ def test_a_story_cut_between_lines_survives_a_resume(tmp_path):
     path = tmp_path / "lines.txt"
     path.write_text("\n<|endoftext|>\n".join(stories * 20))
     tok = Tokenizer.from_texts(stories)
-    first = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=20, lines=True)
+    first = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=8, lines=True)
     ids = windows(first, 5)
-    assert first.rest  # part of a story sits unfinished in the state
-    resumed = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=20, lines=True)
+    assert first.open and first.rest  # a story is partly in the buffer, partly held back
+    resumed = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=8, lines=True)
     resumed.load_state_dict(first.state_dict())
     ids += windows(resumed, 30)
     assert ids == stream(stories * 20, tok)[:len(ids)]
+
+
+def test_a_line_without_a_line_break_is_read_in_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE", 100)
+    text = SEPARATOR.join(make_stories(20, 0)).replace("\n", " ")  # about 4,000 characters, one line
+    (tmp_path / "one.txt").write_text(text)
+    rows = [row["text"] for row in open_split(str(tmp_path / "one.txt"), "train")]
+    assert max(map(len, rows)) == 100 and "".join(rows) == text
+
+
+def packed_with_bounded_state(batches, n):
+    """The ids of n batches, checking after each that what waits to be batched stays small."""
+    ids = []
+    for _ in range(n):
+        ids += windows(batches, 1)
+        window = batches.size[1]
+        assert len(batches.buffer) <= batches.size[0] * window + data.PIECE + 2 * window
+        assert len(batches.rest) <= 2 * window
+    return ids
+
+
+def test_a_story_longer_than_a_piece_is_packed_exactly_from_a_bounded_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE", 100)
+    stories = ["x" * 50, "\n".join(make_stories(200, 0)), "y" * 50, "z" * 50]  # the second: 40,000 characters
+    path = tmp_path / "long.txt"
+    path.write_text(f"\n{SEPARATOR}\n".join(stories))
+    tok = Tokenizer.from_texts(stories)
+    ids = packed_with_bounded_state(Batches(open_split(str(path), "train"), tok, 2, 30, lines=True), 700)
+    assert ids[:len(stream(stories, tok))] == stream(stories, tok)
+
+
+def test_a_long_row_waits_in_pieces_and_is_packed_exactly_from_a_bounded_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE", 100)
+    stories = make_stories(200, 0)  # one row of 40,000 characters
+    pq.write_table(pa.table({"text": [SEPARATOR.join(stories), "last"]}), tmp_path / "long.parquet")
+    tok = Tokenizer.from_texts(stories)
+    batches = Batches(open_split(str(tmp_path / "long.parquet"), "train"), tok, 2, 30)
+    ids = packed_with_bounded_state(batches, 700)
+    assert ids[:len(stream(stories + ["last"], tok))] == stream(stories + ["last"], tok)
+
+
+def test_the_vocabulary_reads_a_text_without_separators_only_so_far(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "VOCABULARY_TEXT", 1000)
+    text = "\n".join(make_stories(100, 0))  # one story of 20,000 characters
+    (tmp_path / "one.txt").write_text(text)
+    (story,) = first_stories(open_split(str(tmp_path / "one.txt"), "train"), True, 10)
+    assert 1000 <= len(story) < 1000 + 200 and text.startswith(story)
+
+
+def test_a_null_row_is_read_as_an_empty_one(tmp_path):
+    pq.write_table(pa.table({"text": ["A story.", None, "Another."]}), tmp_path / "s.parquet")
+    assert first_stories(open_split(str(tmp_path / "s.parquet"), "train"), False, 10) == ["A story.", "Another."]
+
+
+@pytest.mark.parametrize("name, rows, kind", [("s.jsonl", [1, 2], "int64"), ("s.jsonl", ["a", 2], "Json"),
+                                              ("s.jsonl", [["a"]], "List"), ("s.parquet", [1.5], "float64")])
+def test_a_text_column_that_is_not_strings_is_refused_naming_the_file(tmp_path, name, rows, kind):
+    if name.endswith(".jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.table({"text": rows}), tmp_path / name)
+    with pytest.raises(UserError, match=f"the 'text' column of {tmp_path / name} holds {kind}, not text"):
+        open_split(str(tmp_path / name), "train")
+
+
+def test_a_txt_data_position_saved_before_txt_files_were_read_in_pieces_is_refused(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("\n".join(make_stories(20, 0)))
+    tok = Tokenizer.from_texts(make_stories(20, 0))
+    # How the earlier version opened a .txt file: datasets' text builder.
+    old = datasets.load_dataset("text", data_files=str(path), streaming=True, sample_by="line",
+                                keep_linebreaks=True)["train"].reshard()
+    saved = Batches(old, tok, 1, 50, lines=True)
+    next(saved)
+    saved.close()
+    with pytest.raises(UserError, match="saved by an earlier version of this code"):
+        Batches(open_split(str(path), "train"), tok, 1, 50, lines=True).load_state_dict(saved.state_dict())
 
 
 def test_jsonl_and_parquet_files_are_read_by_their_text_column(tmp_path):

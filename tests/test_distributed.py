@@ -2,6 +2,7 @@
 gradient accumulation."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,12 +24,13 @@ ARGS = [*TINY, "--max_steps=8", "--checkpoint_interval=4", "--keep_checkpoints=5
         "--dropout=0.1"]
 
 
-def torchrun(dataset, out_dir, *extra):
+def torchrun(dataset, out_dir, *extra, fails=False):
+    """What the run printed: stdout, or stderr where it is to fail."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *ARGS, *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
+    return proc.stderr if fails else proc.stdout
 
 
 def losses(out_dir):
@@ -87,6 +89,15 @@ def test_resuming_with_another_number_of_processes_is_refused(two_process_run, s
     shutil.copy(checkpoint.paths(two_process_run[0])[0], tmp_path)
     with pytest.raises(UserError, match="written by a run of 2 processes, this one has 1"):
         train.main([f"--dataset={stories_dir}", f"--out_dir={tmp_path}", *ARGS, "--max_steps=12"])
+
+
+def test_a_run_of_several_processes_is_refused_on_a_folder_another_run_holds(stories_dir, tmp_path):
+    # Rank 0 takes the folder's lock (two ranks both taking it would refuse each other: the runs above
+    # show they do not), so a run that holds it keeps a whole torchrun run out.
+    with checkpoint.lock(tmp_path):
+        printed = torchrun(stories_dir, tmp_path, fails=True)
+    assert f"error: --out_dir={tmp_path} is in use by another training run (process {os.getpid()})" in printed
+    assert not checkpoint.paths(tmp_path)
 
 
 def test_accumulated_micro_batches_make_the_same_update_as_one_large_batch(stories_dir, tmp_path):

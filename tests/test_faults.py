@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -148,6 +149,20 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(stories
     assert checkpoint.load(tmp_path / "ckpt_00000002.pt")["step"] == 2
 
 
+@pytest.mark.parametrize("number, fix", [(errno.EACCES, "writable"), (errno.EROFS, "writable"),
+                                         (errno.ENOENT, "moved or deleted during the run")])
+def test_a_failed_save_names_its_cause_and_suggests_freeing_space_only_for_a_full_disk(stories_dir, tmp_path,
+                                                                                      monkeypatch, number, fix):
+    def failing(obj, f):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    with pytest.raises(UserError) as error:
+        train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    assert os.strerror(number) in str(error.value) and fix in str(error.value)
+    assert "space" not in str(error.value)
+
+
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(stories_dir, tmp_path):
     with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+.*Lower --learning_rate"):
         train.main(train_args(stories_dir, tmp_path, "--max_steps=50", "--checkpoint_interval=1",
@@ -160,6 +175,38 @@ def test_an_unwritable_out_dir_is_refused_before_training(stories_dir, tmp_path)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write to --out_dir"):
         train.main(train_args(stories_dir, tmp_path / "a_file" / "out", "--max_steps=2"))
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_before_it_touches_anything(stories_dir, tmp_path):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with checkpoint.lock(tmp_path):  # this process is the run that holds the folder
+        result = script("train.py", *train_args(stories_dir, tmp_path, "--max_steps=4", "--resume=False"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (f"error: --out_dir={tmp_path} is in use by another training run (process "
+                             f"{os.getpid()}): wait for it to finish or stop it, or pass --out_dir=<another folder>\n")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # --resume=False removed nothing
+
+
+def test_a_run_killed_with_sigkill_leaves_no_stale_lock(stories_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(stories_dir, tmp_path, "--max_steps=100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    with pytest.raises(UserError, match=f"in use by another training run \\(process {proc.pid}\\)"):
+        checkpoint.lock(tmp_path)
+    proc.kill()
+    proc.wait()
+    checkpoint.lock(tmp_path).close()  # free again, with nothing removed by hand
+
+
+def test_sampling_and_evaluation_read_a_folder_that_is_being_trained_in(stories_dir, tmp_path, capsys):
+    train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    with checkpoint.lock(tmp_path):
+        sample.main([f"--out_dir={tmp_path}", "--max_new_tokens=5"])
+        train.main(train_args(stories_dir, tmp_path, "--eval_only"))
+    assert "val_loss=" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -208,6 +255,14 @@ def test_a_file_without_a_text_column_is_refused(tmp_path):
     (tmp_path / "s.jsonl").write_text(json.dumps({"story": "Once upon a time."}) + "\n")
     with pytest.raises(UserError, match="no 'text' column \\(its columns: story\\)"):
         train.main([f"--dataset={tmp_path / 's.jsonl'}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
+def test_a_txt_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "bin.txt"
+    path.write_bytes("Once upon a time.\n".encode() * 1000 + b"\xff" + bytes(range(256)))  # past the first block read
+    result = script("train.py", f"--dataset={path}", f"--out_dir={tmp_path / 'out'}", *TINY)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {path} is not UTF-8 text: byte 18,000 (0xff) cannot be decoded")
 
 
 def test_an_unknown_file_type_is_refused(tmp_path):

@@ -3,7 +3,7 @@
 # 1,000 steps on the slice, the whole warmup and schedule squeezed into them, and its final
 # validation loss over the whole validation split. One table row per setting.
 #     bash experiments/speedrun.sh                                 # every row, one after another
-#     bash experiments/speedrun.sh "--muon --cooldown=0.3 --min_lr=0" ...   # only these settings
+#     bash experiments/speedrun.sh "--muon=False" "--batch_size=32" ...    # only these settings
 #     OMP_NUM_THREADS=1 bash experiments/speedrun.sh               # as the README's rows were run
 # A setting that changes the cost of a step is compared at equal time by giving it the step count
 # that experiments/speed.py measures for it (--max_steps in the setting overrides the 1,000).
@@ -13,8 +13,9 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
-    settings=("" "--cooldown=0.3 --min_lr=0" "--muon" "--muon --learning_rate=1.2e-2 --min_lr=1.2e-3"
-              "--muon --cooldown=0.3 --min_lr=0")
+    # The first recipe, each change alone, and both (today's defaults).
+    settings=("--muon=False --cooldown=0 --min_lr=6e-4" "--muon=False --cooldown=0.3 --min_lr=0"
+              "--muon=True --cooldown=0 --min_lr=6e-4" "--muon=True --cooldown=0.3 --min_lr=0")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"
 echo "|---|---|---|---|"

@@ -8,12 +8,12 @@ A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current
 saves a checkpoint and exits; the same command then continues exactly where it stopped.
 
 The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation,
-metrics, checkpoint state), then the run itself: start or resume, the loop, the final report.
-The data pipeline is data.py, the model model.py, the checkpoint files checkpoint.py.
+checkpoint state), then the run itself: start or resume, the loop, the final report.
+The data pipeline is data.py, the model model.py, the checkpoint files checkpoint.py, the
+metrics file and loss picture metrics.py.
 """
 
 import bisect
-import json
 import math
 import os
 import signal
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import config
 import data
+from metrics import Metrics, plot_losses
 from config import UserError
 from model import GPT, GPTConfig, matmul_rate, pick_device
 from tokenizer import Tokenizer
@@ -141,48 +142,6 @@ def evaluate(model, batches, device, autocast):
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Metrics:
-    """OUT_DIR/metrics.jsonl: one JSON object per progress line and per evaluation."""
-
-    def __init__(self, out_dir, resume_step):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        if self.path.exists():  # drop what a stopped run logged after its last checkpoint
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line)
-                except ValueError:  # a line cut short by a killed run
-                    pass
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, **row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def plot_losses(out_dir, chars_per_step):
-    """OUT_DIR/loss.png: the training and validation loss of metrics.jsonl against characters
-    seen. Skipped without a word where matplotlib is not installed: training never needs it."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    ax = fig.subplots()
-    for key, label, style in (("loss", "train (one batch)", "-"), ("val_loss", "validation", "o-")):
-        points = [(r["step"] * chars_per_step / 1e6, r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), style, label=label, markersize=3, linewidth=1)
-    ax.set_xlabel("characters seen (millions)")
-    ax.set_ylabel("loss (nats per character)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / "loss.png")
 
 
 # ----------------------------------------------------------------------------- the run

@@ -13,6 +13,7 @@ context's.
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -392,9 +393,22 @@ def pick(logits, temperature, top_k, generator=None, noise=None):
     return ids.gather(1, choice) if top_k else choice
 
 
-def matmul_rate(device, n=2048):
-    """The float32 matrix-product rate of device in FLOP/s: the yardstick of MFU."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def compute_dtype(device):
+    """The dtype a run's matrix products are computed in: bfloat16 (under autocast) on a CUDA device
+    that supports it, else float32. MFU is taken against the matrix-product rate of this dtype: the
+    float32 rate would put a bf16 run far above 100%."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def autocast_for(device):
+    """The context a run computes in: autocast to compute_dtype(device), or none for float32."""
+    dtype = compute_dtype(device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def matmul_rate(device, dtype=torch.float32, n=2048):
+    """The matrix-product rate of device in dtype, in FLOP/s: the yardstick of MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import cuda
-from model import EOS_CHECK, GPT, GPTConfig, pick
+from model import EOS_CHECK, GPT, GPTConfig, compute_dtype, pick
 
 
 def small_model(block_size=16, seed=0, **switches):
@@ -196,3 +196,13 @@ def test_a_row_stops_at_the_end_of_story_token():
     eos = model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)[0][0]  # the greedy first pick
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0, eos_id=eos)
     assert out == [[eos]]
+
+
+def test_a_cpu_run_computes_in_float32():
+    assert compute_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_cuda_run_computes_in_bf16_where_the_device_supports_it(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert compute_dtype(torch.device("cuda")) == (torch.bfloat16 if bf16 else torch.float32)

@@ -187,3 +187,13 @@ def test_cooldown_holds_the_peak_rate_then_decays_linearly_to_min_lr():
     assert lr[9] == lr[10] == lr[79] == 1e-2  # warmed up, then held
     assert lr[80] == pytest.approx(1e-2 * 20 / 20) and lr[90] == pytest.approx(1e-2 * 10 / 20)
     assert lr[99] == pytest.approx(1e-2 / 20)  # the last step's rate; the weights it leaves are never trained on again
+
+
+def test_mfu_is_taken_against_the_rate_of_the_dtype_the_run_computes_in(monkeypatch, capsys):
+    measured = []
+    monkeypatch.setattr(train, "compute_dtype", lambda device: torch.bfloat16)  # as on a CUDA device with bf16
+    monkeypatch.setattr(train, "matmul_rate", lambda device, dtype: measured.append(dtype) or 1e12)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    train.report(model, torch.device("cpu"), 1, 1e6, "1 steps", 1.0, "ckpt")
+    assert measured == [torch.bfloat16]
+    assert "1,000 GFLOP/s bfloat16 matrix-product rate" in capsys.readouterr().out

@@ -12,6 +12,7 @@ context's.
 """
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -415,6 +416,14 @@ def matmul_rate(device, dtype=torch.float32, n=2048):
         (a @ b).sum().item()  # .item() waits for an asynchronous device to finish
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
+
+
+def make_deterministic():
+    """Deterministic kernels from here on, so that on CUDA two runs with the same seed compute the
+    same losses (on the CPU they do already). cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts:
+    call this before anything touches the device."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # a fixed workspace: no reductions split by chance
+    torch.use_deterministic_algorithms(True)
 
 
 def pick_device(name):

@@ -31,7 +31,7 @@ import config
 import data
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import GPT, GPTConfig, autocast_for, compute_dtype, matmul_rate, pick_device
+from model import GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -148,6 +148,8 @@ def format_time(seconds):
 
 def main(argv):
     cfg = settings(argv)
+    if cfg["deterministic"]:
+        make_deterministic()  # before setup_distributed, which starts CUDA
     rank, world_size, device = setup_distributed(cfg)
     try:
         # One run per OUT_DIR: a second would remove or overwrite this one's checkpoints and metrics. Rank 0

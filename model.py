@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from config import UserError
+
 
 @dataclass
 class GPTConfig:
@@ -424,6 +426,19 @@ def make_deterministic():
     call this before anything touches the device."""
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # a fixed workspace: no reductions split by chance
     torch.use_deterministic_algorithms(True)
+
+
+def rank_device(name, local_rank, local_ranks, gpus):
+    """The device of torchrun's process local_rank of the local_ranks on this machine, for a DEVICE
+    setting: on CUDA each process takes a GPU of its own, of the gpus there are."""
+    device = pick_device(name)
+    if device.type != "cuda":
+        return device
+    if local_ranks > gpus:
+        raise UserError(f"torchrun starts {local_ranks} processes on this machine, which has {gpus} GPU"
+                        f"{'' if gpus == 1 else 's'}: one process per GPU, so --nproc_per_node={gpus} at most; "
+                        "--device=cpu runs the processes on the CPU")
+    return torch.device("cuda", local_rank)
 
 
 def pick_device(name):

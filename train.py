@@ -31,7 +31,8 @@ import config
 import data
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device
+from model import (GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device,
+                   rank_device)
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -92,9 +93,9 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, pick_device(cfg["device"])
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(cfg["device"])
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = rank_device(cfg["device"], local_rank, local_ranks, torch.cuda.device_count())
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:

@@ -8,7 +8,10 @@ that shares the token embedding's weights (tie_weights).
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling runs decode, the same forward pass written over plain weight
 tensors, with a key/value cache: each new character costs one position's work, not the whole
-context's.
+context's. On CUDA that step and the draw are replayed as one CUDA graph (static_step).
+
+Also the device helpers the scripts share: which device, which compute dtype and its
+matrix-product rate (MFU's yardstick), deterministic kernels, and a torchrun process's GPU.
 """
 
 import math

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 import config
 from data import Batches, open_split, training_batches, vocabulary_stories
-from model import GPT, GPTConfig, matmul_rate, pick_device
+from model import GPT, GPTConfig, autocast_for, compute_dtype, matmul_rate, pick_device
 from tokenizer import Tokenizer
 
 DEFAULTS = ["--dataset=../shared/data/tinystories"]
@@ -66,13 +66,15 @@ def best_of(repeats, fn):
 
 
 def train_rate(model, cfg, device, steps=10):
-    """Training characters/s: forward, backward, clipping and AdamW, as train.py does them."""
+    """Training characters/s: forward (in train.py's dtype), backward, clipping and AdamW, as train.py
+    does them."""
     optimizer = model.optimizer(1e-3, 0.1, (0.9, 0.99), device.type)
     x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["block_size"]), device=device)
 
     def run():
         for _ in range(steps):
-            _, loss = model(x, x)
+            with autocast_for(device):
+                _, loss = model(x, x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -190,12 +192,14 @@ def main(argv):
                              tie_weights=cfg["tie_weights"])).to(device)
 
     model = make()
-    peak = matmul_rate(device)
+    dtype = compute_dtype(device)  # what training computes in, so MFU's yardstick
+    peak, dtype = matmul_rate(device, dtype), str(dtype).removeprefix("torch.")
     flops = model.flops_per_char()
-    print(f"device {device}, {torch.get_num_threads()} threads; model {model.num_params():,} parameters, "
-          f"{flops / 1e6:.2f} MFLOP per character (forward and backward)")
+    print(f"device {device}, {torch.get_num_threads()} threads, training in {dtype}; model {model.num_params():,} "
+          f"parameters, {flops / 1e6:.2f} MFLOP per character (forward and backward)")
     print(HEADER)
-    row("float32 matrix products, 2048 x 2048", f"{peak / 1e9:,.0f} GFLOP/s, a limit of {peak / flops:,.0f} char/s")
+    row("matrix products, 2048 x 2048, in the training dtype",
+        f"{peak / 1e9:,.0f} GFLOP/s in {dtype}, a limit of {peak / flops:,.0f} char/s")
     ours, ref = train_rate(model, cfg, device), train_rate(reference(make()), cfg, device)
     row("training (forward, backward, AdamW)", f"{ours:,.0f} char/s at batch {cfg['batch_size']} x "
         f"{cfg['block_size']}, MFU {ours * flops / peak:.0%}", f"{ref:,.0f} char/s ({ours / ref:.2f}x)")

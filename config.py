@@ -37,6 +37,10 @@ GRAD_CLIP = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
 SEED = 1337  # seeds the weights, dropout and sampling
 DEVICE = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 COMPILE = False  # torch.compile the model (CUDA and CPU; ignored on MPS)
+# Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8): on CUDA
+# two runs with the same seed then log the same loss at every step, at some cost in speed. CPU runs
+# are exact without it.
+DETERMINISTIC = False
 
 # --- evaluation and progress ---
 LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every this many steps

@@ -8,16 +8,23 @@ that shares the token embedding's weights (tie_weights).
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling runs decode, the same forward pass written over plain weight
 tensors, with a key/value cache: each new character costs one position's work, not the whole
-context's.
+context's. On CUDA that step and the draw are replayed as one CUDA graph (static_step).
+
+Also the device helpers the scripts share: which device, which compute dtype and its
+matrix-product rate (MFU's yardstick), deterministic kernels, and a torchrun process's GPU.
 """
 
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from config import UserError
 
 
 @dataclass
@@ -46,9 +53,13 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x, start):
-        """x (..., T, head_dim) at positions start .. start + T - 1, rotated."""
+        """x (..., T, head_dim) at positions start .. start + T - 1, rotated. start is an int, or a
+        one-element tensor (then T is 1), which a CUDA graph can take as an input."""
         T, half = x.size(-2), x.size(-1) // 2
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        if isinstance(start, int):
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        else:
+            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -116,6 +127,10 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+# generate looks for the end of a story every this many characters: each look waits for the device.
+EOS_CHECK = 32
 
 
 class GPT(nn.Module):
@@ -198,6 +213,9 @@ class GPT(nn.Module):
         """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
         start + T - 1, after the keys and values in cache (n_layer, B, n_head, 2, block_size,
         head_dim); theirs are written there. Either start is 0 (a prompt) or T is 1 (one character).
+        start is an int, or a one-element tensor (T is then 1): a CUDA graph replays the same
+        kernels at every step, so the position has to be data, not a slice bound; the step then
+        writes the cache with index_copy_ and attends over the whole block, masked past start.
 
         The same computation as forward, written as plain tensor operations over w, the weights as
         plain tensors by state_dict name. At one character per step every operation is tiny, so its
@@ -206,10 +224,12 @@ class GPT(nn.Module):
         """
         c = self.config
         B, T = idx.shape
-        end = start + T
+        sliced = isinstance(start, int)  # the cheaper form on the CPU: slices, and only the context so far
         x = w["transformer.wte.weight"][idx]
         if not c.rope:
-            x = x + w["transformer.wpe.weight"].narrow(0, start, T)
+            x = x + (w["transformer.wpe.weight"].narrow(0, start, T) if sliced
+                     else w["transformer.wpe.weight"].index_select(0, start))
+        mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
         for i, block in enumerate(self.transformer.h):
             p = f"transformer.h.{i}."
             h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
@@ -218,9 +238,12 @@ class GPT(nn.Module):
             if c.rope:
                 qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
             # narrow and select rather than [...] indexing, which costs microseconds per slice
-            cache[i].narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
-            keys, values = cache[i].narrow(3, 0, end).unbind(2)
-            y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, is_causal=T > 1)
+            if sliced:
+                cache[i].narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
+                keys, values = cache[i].narrow(3, 0, start + T).unbind(2)
+            else:
+                keys, values = cache[i].index_copy_(3, start, qkv.narrow(2, 1, 2)).unbind(2)
+            y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
             y = y.transpose(1, 2).reshape(B, T, c.n_embd)
             x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
             h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
@@ -234,44 +257,101 @@ class GPT(nn.Module):
         x = F.layer_norm(x.select(1, -1), (c.n_embd,), w["transformer.ln_f.weight"], w["transformer.ln_f.bias"])
         return F.linear(x, w["lm_head.weight"])
 
+    def static_step(self, w, cache, temperature, top_k, generator, batch):
+        """step(token, pos) -> the next ids (B, 1): decode token (B, 1) at pos and draw what follows,
+        through tensors allocated once (the token, the position, the random draws). On CUDA the step
+        is captured once as a CUDA graph and replayed: one launch instead of some 40 kernels, and no
+        wait for the host. Elsewhere the same step runs eagerly (tests/test_model.py runs it so).
+
+        Call it before the prompt is decoded: capturing runs the step once, which writes the cache
+        at position 0 until the prompt overwrites it."""
+        device, vocab = cache.device, self.config.vocab_size
+        token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        noise = torch.ones(batch, min(top_k, vocab) if top_k else vocab, device=device)  # Exp(1) draws for pick
+
+        def body():
+            token.copy_(pick(self.decode(w, token, pos, cache), temperature, top_k, noise=noise))
+            pos.add_(1)  # the next step's position, so a step in sequence needs no copy from the host
+
+        run = body
+        if device.type == "cuda":
+            side = torch.cuda.Stream()  # warm up on a side stream before capturing, as torch.cuda.graph asks
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+            run = graph.replay
+        last = [None]  # what the previous step returned: the graph's state already follows it
+
+        def step(given, at):
+            if given is not last[0]:  # after the prompt or a rebuilt cache
+                token.copy_(given)
+                pos.fill_(at)
+            if temperature:
+                noise.exponential_(generator=generator)  # drawn outside the graph, so any generator serves
+            run()
+            last[0] = token.clone()
+            return last[0]
+
+        return step
+
     @torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, graph=None):
         """Continue each row of idx (B, T) by up to max_new_tokens; returns one list of new ids per row.
 
         temperature 0 is greedy decoding; top_k > 0 samples among the k likeliest only. A row stops at
-        eos_id. Past block_size the context slides: with the key/value cache, when it is full it is
-        rebuilt from the last block_size // 2 characters, so every step sees at least that many and
-        the cost per character stays flat; without it (use_cache=False, the slow reference) every
-        step reruns forward over the last block_size characters.
+        eos_id (looked for every EOS_CHECK characters, so the device need not wait for the host each
+        character; what a row drew past its end is trimmed). Past block_size the context slides: with
+        the key/value cache, when it is full it is rebuilt from the last block_size // 2 characters, so
+        every step sees at least that many and the cost per character stays flat; without it
+        (use_cache=False, the slow reference) every step reruns forward over the last block_size
+        characters. graph: decode one character through static_step, by default on CUDA (a CUDA
+        graph); elsewhere True runs the same step eagerly.
         """
         c, device = self.config, idx.device
-        T = c.block_size
+        T, B = c.block_size, idx.size(0)
         w = {name: t.detach() for name, t in self.state_dict().items()}
-        cache = w["lm_head.weight"].new_empty(c.n_layer, idx.size(0), c.n_head, 2, T, c.n_embd // c.n_head)
-        ids = idx[:, -T:].tolist()  # each row's context so far
-        out = [[] for _ in ids]
-        done = [False] * len(ids)
-        pos = len(ids[0])  # positions the cache holds
-        logits = self.decode(w, idx[:, -T:], 0, cache) if use_cache else self(idx[:, -T:])[0]
-        for _ in range(max_new_tokens):
-            next_id = pick(logits, temperature, top_k, generator).to(device)
-            for row, token in enumerate(next_id[:, 0].tolist()):
-                ids[row].append(token)
-                if not done[row]:
-                    out[row].append(token)
-                    done[row] = token == eos_id
-            if all(done):
-                break
-            if not use_cache:
-                logits, _ = self(torch.tensor([row[-T:] for row in ids], device=device))
+        # Zeros, not empty: the static step attends over the whole block, and a NaN left in memory
+        # would reach the output through its zero attention weight.
+        cache = w["lm_head.weight"].new_zeros(c.n_layer, B, c.n_head, 2, T, c.n_embd // c.n_head)
+        draw_on = torch.device("cpu") if device.type == "mps" else device  # see pick
+        if generator is not None and generator.device != draw_on:  # one for the device, seeded from it
+            generator = torch.Generator(draw_on).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        if not use_cache:
+            graph = False
+        if graph is None:
+            graph = device.type == "cuda"
+        step = (self.static_step(w, cache, temperature, top_k, generator, B) if graph else
+                lambda token, at: pick(self.decode(w, token, at, cache), temperature, top_k, generator))
+        context = idx[:, -T:]
+        logits = self.decode(w, context, 0, cache) if use_cache else self(context)[0]
+        pos = context.size(1)  # positions the cache holds
+        new = []  # the new ids, (B, 1) each, left on the device
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # the rows that have drawn eos_id
+        for n in range(max_new_tokens):
+            if n == 0:
+                token = pick(logits, temperature, top_k, generator)
+            elif not use_cache:
+                token = pick(self(torch.cat([context, *new[-T:]], 1)[:, -T:])[0], temperature, top_k, generator)
             elif pos == T:  # the cache is full: it starts again from the last T // 2 characters
-                logits = self.decode(w, torch.tensor([row[-(T // 2):] for row in ids], device=device), 0, cache)
                 pos = T // 2
+                recent = torch.cat([context, *new[-pos:]], 1)[:, -pos:]
+                token = pick(self.decode(w, recent, 0, cache), temperature, top_k, generator)
             else:
-                logits = self.decode(w, next_id, pos, cache)
+                token = step(token, pos)
                 pos += 1
-        return out
+            new.append(token)
+            if eos_id is not None and len(new) % EOS_CHECK == 0:
+                done |= (torch.cat(new[-EOS_CHECK:], 1) == eos_id).any(1)
+                if done.all():  # the one wait for the device in EOS_CHECK characters
+                    break
+        rows = torch.cat(new, 1).tolist() if new else [[] for _ in range(B)]
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
 class Optimizers:
@@ -300,30 +380,68 @@ class Optimizers:
             o.load_state_dict(state)
 
 
-def pick(logits, temperature, top_k, generator=None):
-    """The next id for each row of logits (B, vocab), as a (B, 1) tensor on the CPU."""
-    logits = logits.float().cpu()
+def pick(logits, temperature, top_k, generator=None, noise=None):
+    """The next id for each row of logits (B, vocab), as a (B, 1) tensor on logits' device. noise, if
+    given, holds the Exp(1) draws to use (B, top_k or vocab), so that a CUDA graph can take them in."""
+    device, logits = logits.device, logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    if device.type == "mps":  # sampling ops on MPS have returned out-of-range indices: drawn on the CPU
+        return pick(logits.cpu(), temperature, top_k, generator).to(device)
     if top_k:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
-    # Drawn on the CPU: reproducible across devices, and sampling ops on MPS have returned
-    # out-of-range indices. The largest p_i / e_i, with each e_i drawn from Exp(1), is i with
-    # probability p_i: torch.multinomial's distribution at a third of its cost for one row.
+    # The largest p_i / e_i, with each e_i drawn from Exp(1), is i with probability p_i:
+    # torch.multinomial's distribution at a third of its cost for one row, and no wait for the host.
     probs = F.softmax(logits / temperature, dim=-1)
-    choice = probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    choice = probs.div_(noise).argmax(dim=-1, keepdim=True)
     return ids.gather(1, choice) if top_k else choice
 
 
-def matmul_rate(device, n=2048):
-    """The float32 matrix-product rate of device in FLOP/s: the yardstick of MFU."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def compute_dtype(device):
+    """The dtype a run's matrix products are computed in: bfloat16 (under autocast) on a CUDA device
+    that supports it, else float32. MFU is taken against the matrix-product rate of this dtype: the
+    float32 rate would put a bf16 run far above 100%."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def autocast_for(device):
+    """The context a run computes in: autocast to compute_dtype(device), or none for float32."""
+    dtype = compute_dtype(device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def matmul_rate(device, dtype=torch.float32, n=2048):
+    """The matrix-product rate of device in dtype, in FLOP/s: the yardstick of MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         (a @ b).sum().item()  # .item() waits for an asynchronous device to finish
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
+
+
+def make_deterministic():
+    """Deterministic kernels from here on, so that on CUDA two runs with the same seed compute the
+    same losses (on the CPU they do already). cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts:
+    call this before anything touches the device."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # a fixed workspace: no reductions split by chance
+    torch.use_deterministic_algorithms(True)
+
+
+def rank_device(name, local_rank, local_ranks, gpus):
+    """The device of torchrun's process local_rank of the local_ranks on this machine, for a DEVICE
+    setting: on CUDA each process takes a GPU of its own, of the gpus there are."""
+    device = pick_device(name)
+    if device.type != "cuda":
+        return device
+    if local_ranks > gpus:
+        raise UserError(f"torchrun starts {local_ranks} processes on this machine, which has {gpus} GPU"
+                        f"{'' if gpus == 1 else 's'}: one process per GPU, so --nproc_per_node={gpus} at most; "
+                        "--device=cpu runs the processes on the CPU")
+    return torch.device("cuda", local_rank)
 
 
 def pick_device(name):

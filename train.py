@@ -31,7 +31,8 @@ import config
 import data
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import GPT, GPTConfig, matmul_rate, pick_device
+from model import (GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device,
+                   rank_device)
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -92,9 +93,9 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, pick_device(cfg["device"])
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(cfg["device"])
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = rank_device(cfg["device"], local_rank, local_ranks, torch.cuda.device_count())
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:
@@ -148,6 +149,8 @@ def format_time(seconds):
 
 def main(argv):
     cfg = settings(argv)
+    if cfg["deterministic"]:
+        make_deterministic()  # before setup_distributed, which starts CUDA
     rank, world_size, device = setup_distributed(cfg)
     try:
         # One run per OUT_DIR: a second would remove or overwrite this one's checkpoints and metrics. Rank 0
@@ -179,7 +182,7 @@ def run(cfg, rank, world_size, device):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], rope=cfg["rope"],
                           swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"])).to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
     val_chars = sum(int((y != data.PAD).sum()) for _, y in val_batches)
     print(f"validation: {about}, {val_chars:,} characters{' on this rank' if world_size > 1 else ''}")
@@ -318,13 +321,15 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
 
 
 def report(model, device, world_size, rate, steps, val_loss, saved):
-    """The final lines: speed, validation loss, and MFU against the measured matrix-product rate."""
+    """The final lines: speed, validation loss, and MFU against the measured matrix-product rate of
+    the dtype the run computed in."""
     print(f"done: {steps}, {rate:,.0f} char/s in training; "
           f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
-    flops, peak = model.flops_per_char(), matmul_rate(device)
+    flops, dtype = model.flops_per_char(), compute_dtype(device)  # the rate of the dtype it computed in
+    peak = matmul_rate(device, dtype)
     print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak / world_size:.0%} of "
-          f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s float32 "
-          "matrix-product rate")
+          f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s "
+          f"{str(dtype).removeprefix('torch.')} matrix-product rate")
 
 
 def check_replicas(model):

@@ -52,8 +52,13 @@ def stories_dir(tmp_path_factory):
     return write_hub_layout(tmp_path_factory.mktemp("tinystories"))
 
 
-# A model small enough that a training step takes milliseconds on a CPU.
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+# For tests of what only a CUDA device runs (CUDA graphs): skipped where there is none.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# A model small enough that a training step takes milliseconds on a CPU, and on the CPU where a GPU
+# is visible too: the tests hold runs to the CPU's exactness, and torchrun's ranks to gloo.
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--log_interval=1", "--warmup_steps=2", "--learning_rate=3e-3"]
 
 

@@ -18,6 +18,7 @@ import data
 import train
 from config import UserError
 from conftest import TINY, make_stories
+from model import rank_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = [*TINY, "--max_steps=8", "--checkpoint_interval=4", "--keep_checkpoints=5", "--eval_interval=4",
@@ -111,3 +112,17 @@ def test_accumulated_micro_batches_make_the_same_update_as_one_large_batch(stori
     for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.allclose(s["exp_avg"], t["exp_avg"], rtol=1e-3, atol=1e-7)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_more_processes_than_gpus_is_refused_saying_how_many_gpus_and_how_to_run_on_the_cpu():
+    with pytest.raises(UserError, match=r"2 processes on this machine, which has 1 GPU: .*--nproc_per_node=1 "
+                                        r"at most; --device=cpu"):
+        rank_device("cuda", 1, 2, gpus=1)
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank():
+    assert rank_device("cuda", 1, 2, gpus=2) == torch.device("cuda", 1)
+
+
+def test_cpu_processes_need_no_gpu():
+    assert rank_device("cpu", 1, 2, gpus=0) == torch.device("cpu")

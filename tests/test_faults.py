@@ -109,7 +109,7 @@ def test_a_damaged_checkpoint_is_reported_and_the_one_before_it_used(stories_dir
     train.main(train_args(stories_dir, tmp_path, "--max_steps=4", "--checkpoint_interval=2"))
     damage(tmp_path / "ckpt_00000004.pt", how)
     capsys.readouterr()
-    sample.main([f"--out_dir={tmp_path}", "--max_new_tokens=5"])
+    sample.main([f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=5"])
     assert "ckpt_00000004.pt" in capsys.readouterr().err
     train.main(train_args(stories_dir, tmp_path, "--max_steps=6"))
     captured = capsys.readouterr()
@@ -204,7 +204,7 @@ def test_a_run_killed_with_sigkill_leaves_no_stale_lock(stories_dir, tmp_path):
 def test_sampling_and_evaluation_read_a_folder_that_is_being_trained_in(stories_dir, tmp_path, capsys):
     train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
     with checkpoint.lock(tmp_path):
-        sample.main([f"--out_dir={tmp_path}", "--max_new_tokens=5"])
+        sample.main([f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=5"])
         train.main(train_args(stories_dir, tmp_path, "--eval_only"))
     assert "val_loss=" in capsys.readouterr().out
 
@@ -281,20 +281,20 @@ def trained(stories_dir, tmp_path_factory):
 
 
 def test_an_empty_prompt_starts_a_new_story(trained, capsys):
-    sample.main([f"--out_dir={trained}", "--prompt=", "--max_new_tokens=20", "--ignore_eos"])
+    sample.main([f"--out_dir={trained}", "--device=cpu", "--prompt=", "--max_new_tokens=20", "--ignore_eos"])
     assert len(capsys.readouterr().out) == 21
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(trained, capsys):
     prompt = "Once upon a time, " * 10  # 180 characters; block_size is 32
-    sample.main([f"--out_dir={trained}", f"--prompt={prompt}", "--max_new_tokens=5", "--ignore_eos"])
+    sample.main([f"--out_dir={trained}", "--device=cpu", f"--prompt={prompt}", "--max_new_tokens=5", "--ignore_eos"])
     captured = capsys.readouterr()
     assert "continues from the last 32 characters" in captured.err
     assert captured.out.startswith(prompt) and len(captured.out) == len(prompt) + 6
 
 
 def test_temperature_zero_is_greedy(trained, capsys):
-    sample.main([f"--out_dir={trained}", "--temperature=0", "--max_new_tokens=40", "--seed=1"])
+    sample.main([f"--out_dir={trained}", "--device=cpu", "--temperature=0", "--max_new_tokens=40", "--seed=1"])
     zero = capsys.readouterr().out
-    sample.main([f"--out_dir={trained}", "--greedy", "--max_new_tokens=40", "--seed=2"])
+    sample.main([f"--out_dir={trained}", "--device=cpu", "--greedy", "--max_new_tokens=40", "--seed=2"])
     assert capsys.readouterr().out == zero

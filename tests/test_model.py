@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, pick
+from conftest import cuda
+from model import EOS_CHECK, GPT, GPTConfig, compute_dtype, pick
 
 
 def small_model(block_size=16, seed=0, **switches):
@@ -49,12 +50,49 @@ def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
-def test_cached_greedy_output_equals_uncached_within_block_size(switches):
+def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(switches):
+    # The CUDA graph's form of a step: the position is data, the cache written with index_copy_ and
+    # attended over the whole block under a mask.
     model = larger_weights(small_model(**switches))
-    idx = torch.randint(0, 20, (2, 3))
+    idx = torch.randint(0, 20, (2, 12))
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    cache = torch.zeros(2, 2, 2, 2, 16, 8)
+    with torch.no_grad():
+        model.decode(w, idx[:, :5], 0, cache)
+        for t in range(6, 13):
+            logits = model.decode(w, idx[:, t - 1:t], torch.tensor([t - 1]), cache)
+            torch.testing.assert_close(logits, model(idx[:, :t])[0])
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
+def test_cached_greedy_output_equals_uncached_within_block_size(switches, device):
+    model = larger_weights(small_model(**switches)).to(device)  # on CUDA through the CUDA graph
+    idx = torch.randint(0, 20, (2, 3), device=device)
     cached = model.generate(idx, 13, temperature=0, use_cache=True)
     assert cached == model.generate(idx, 13, temperature=0, use_cache=False)
     assert len(cached[0]) == 13
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
+def test_the_static_step_samples_what_the_eager_step_samples_past_block_size(switches):
+    # On the CPU the static step runs without a graph: the same tensors and draws as on CUDA.
+    model = larger_weights(small_model(block_size=8, **switches))
+    idx = torch.randint(0, 20, (2, 3))
+    runs = [model.generate(idx, 40, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1),
+                           graph=graph) for graph in (False, True)]
+    assert runs[0] == runs[1]
+
+
+@cuda
+def test_greedy_output_through_the_cuda_graph_equals_the_cpus_past_block_size():
+    model = larger_weights(small_model(block_size=8))
+    idx = torch.randint(0, 20, (2, 3))
+    expected = model.generate(idx, 40, temperature=0)
+    assert model.to("cuda").generate(idx.to("cuda"), 40, temperature=0) == expected
 
 
 def test_past_block_size_the_cache_restarts_from_the_last_half_of_the_context(monkeypatch):
@@ -129,8 +167,42 @@ def test_a_batch_of_samples_gives_one_continuation_per_row():
     assert len({tuple(row) for row in out}) > 1  # the rows are sampled independently
 
 
+def scripted_picks(monkeypatch, rows):
+    """Make generate draw rows (one list of ids per row) instead of sampling; returns the calls made."""
+    calls = []
+
+    def pick_scripted(logits, *args):
+        calls.append(len(calls))
+        return torch.tensor([[row[len(calls) - 1]] for row in rows])
+
+    monkeypatch.setattr("model.pick", pick_scripted)
+    return calls
+
+
+def test_each_row_ends_at_its_own_end_of_story_token(monkeypatch):
+    scripted_picks(monkeypatch, [[1, 3, 5] + [6] * 97, [2, 2] + [7] * 37 + [5] + [8] * 60])  # eos_id 5
+    out = small_model().generate(torch.zeros(2, 1, dtype=torch.long), 100, temperature=0, eos_id=5)
+    assert out == [[1, 3, 5], [2, 2] + [7] * 37 + [5]]
+
+
+def test_generation_stops_at_the_first_look_after_every_row_has_ended(monkeypatch):
+    calls = scripted_picks(monkeypatch, [[1, 3, 5] + [6] * 97, [2, 2] + [7] * 37 + [5] + [8] * 60])
+    small_model().generate(torch.zeros(2, 1, dtype=torch.long), 100, temperature=0, eos_id=5)
+    assert len(calls) == 2 * EOS_CHECK  # the last row ends at its 40th character
+
+
 def test_a_row_stops_at_the_end_of_story_token():
     model = small_model()
     eos = model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)[0][0]  # the greedy first pick
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0, eos_id=eos)
     assert out == [[eos]]
+
+
+def test_a_cpu_run_computes_in_float32():
+    assert compute_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_cuda_run_computes_in_bf16_where_the_device_supports_it(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert compute_dtype(torch.device("cuda")) == (torch.bfloat16 if bf16 else torch.float32)

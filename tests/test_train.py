@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -187,3 +188,43 @@ def test_cooldown_holds_the_peak_rate_then_decays_linearly_to_min_lr():
     assert lr[9] == lr[10] == lr[79] == 1e-2  # warmed up, then held
     assert lr[80] == pytest.approx(1e-2 * 20 / 20) and lr[90] == pytest.approx(1e-2 * 10 / 20)
     assert lr[99] == pytest.approx(1e-2 / 20)  # the last step's rate; the weights it leaves are never trained on again
+
+
+def test_mfu_is_taken_against_the_rate_of_the_dtype_the_run_computes_in(monkeypatch, capsys):
+    measured = []
+    monkeypatch.setattr(train, "compute_dtype", lambda device: torch.bfloat16)  # as on a CUDA device with bf16
+    monkeypatch.setattr(train, "matmul_rate", lambda device, dtype: measured.append(dtype) or 1e12)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    train.report(model, torch.device("cpu"), 1, 1e6, "1 steps", 1.0, "ckpt")
+    assert measured == [torch.bfloat16]
+    assert "1,000 GFLOP/s bfloat16 matrix-product rate" in capsys.readouterr().out
+
+
+@pytest.fixture
+def deterministic_undone(monkeypatch):
+    """Leaves the process as it found it after a run with --deterministic."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # the value before the test comes back after it
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_is_applied_before_the_device_is_set_up(stories_dir, tmp_path, monkeypatch,
+                                                              deterministic_undone):
+    seen = []
+    setup = train.setup_distributed
+
+    def record_then_set_up(cfg):
+        seen.append((os.environ["CUBLAS_WORKSPACE_CONFIG"], torch.are_deterministic_algorithms_enabled()))
+        return setup(cfg)
+
+    monkeypatch.setattr(train, "setup_distributed", record_then_set_up)
+    run(stories_dir, tmp_path, "--max_steps=2", "--deterministic")
+    assert seen == [(":4096:8", True)]
+
+
+def test_a_deterministic_cpu_run_trains_and_resumes_exactly(stories_dir, tmp_path, deterministic_undone):
+    args = ["--max_steps=16", "--checkpoint_interval=8", "--keep_checkpoints=5", "--eval_interval=8",
+            "--dropout=0.1", "--deterministic"]
+    assert_resume_is_exact(lambda out_dir, *extra: run(stories_dir, out_dir, *extra), tmp_path, args)
+    losses = [r["loss"] for r in metrics(tmp_path / "straight") if "loss" in r]
+    assert losses[-1] < losses[0]

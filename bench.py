@@ -66,9 +66,9 @@ def best_of(repeats, fn):
 
 
 def train_rate(model, cfg, device, steps=10):
-    """Training characters/s: forward (in train.py's dtype), backward, clipping and AdamW, as train.py
-    does them."""
-    optimizer = model.optimizer(1e-3, 0.1, (0.9, 0.99), device.type)
+    """Training characters/s: forward (in train.py's dtype), backward, clipping and the optimizers
+    (Muon and AdamW, or AdamW alone with --muon=False), as train.py does them."""
+    optimizer = model.optimizer(1e-3, 0.1, (0.9, 0.99), device.type, cfg["muon"])
     x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["block_size"]), device=device)
 
     def run():
@@ -201,7 +201,7 @@ def main(argv):
     row("matrix products, 2048 x 2048, in the training dtype",
         f"{peak / 1e9:,.0f} GFLOP/s in {dtype}, a limit of {peak / flops:,.0f} char/s")
     ours, ref = train_rate(model, cfg, device), train_rate(reference(make()), cfg, device)
-    row("training (forward, backward, AdamW)", f"{ours:,.0f} char/s at batch {cfg['batch_size']} x "
+    row("training (forward, backward, optimizer step)", f"{ours:,.0f} char/s at batch {cfg['batch_size']} x "
         f"{cfg['block_size']}, MFU {ours * flops / peak:.0%}", f"{ref:,.0f} char/s ({ours / ref:.2f}x)")
 
     model.eval()

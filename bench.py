@@ -210,7 +210,8 @@ def main(argv):
     cached, short = sample_rate(model, 2000), sample_rate(model, 200)
     # The reference at whichever thread count suits it better.
     uncached = max(sample_rate(ref_model, T - 1, use_cache=False, threads=n) for n in (1, torch.get_num_threads()))
-    row("sampling, one stream, top-k 20", f"{cached:,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)",
+    row("sampling, one stream, top-k 20",
+        f"{cached:,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)",
         f"{uncached:,.0f} char/s over {T - 1} ({cached / uncached:.2f}x)")
     row("sampling, --num_samples=16", f"{sample_rate(model, 500, batch=16):,.0f} char/s")
     loader = loader_rate(cfg, tokenizer)

@@ -6,6 +6,10 @@ and repeatedly, and a variant that is 20% slower is then trained for 20% fewer s
     python experiments/speed.py                      # batch 64 x 128, the threads torch picks
     python experiments/speed.py --steps=1500         # also the equal-time step count of each
     OMP_NUM_THREADS=1 python experiments/speed.py
+    python experiments/speed.py --variants=muon,bpe-512,bpe-2048 --steps=4500   # only these, against the first
+
+The BPE variants are the default model (Muon included) at the README's BPE widths: a larger
+vocabulary spends parameters on embeddings, so they are narrower to stay within 240,000.
 
 The variants take turns within each round, so that a burst of load from elsewhere slows them
 alike; each figure is the best round.
@@ -25,15 +29,17 @@ VOCAB = 83  # the tokenizer's vocabulary on ../shared/data/tinystories
 VARIANTS = {"default": ({}, 64, 128, False), "rope": ({"rope": True}, 64, 128, False),
             "swiglu": ({"swiglu": True}, 64, 128, False), "tie_weights": ({"tie_weights": True}, 64, 128, False),
             "n_layer=2": ({"n_layer": 2}, 64, 128, False), "muon": ({}, 64, 128, True),
-            "block_size=64": ({}, 64, 64, False), "batch_size=128": ({}, 128, 128, False)}
+            "block_size=64": ({}, 64, 64, False), "batch_size=128": ({}, 128, 128, False),
+            "bpe-512": ({"vocab_size": 512, "n_embd": 100}, 64, 128, True),
+            "bpe-2048": ({"vocab_size": 2048, "n_embd": 48}, 64, 128, True)}
 
 
 def trainer(overrides, batch_size=64, block_size=128, muon=False):
     """A function that takes one training step of a fresh model, as train.py takes them."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=block_size, **overrides))
+    model = GPT(GPTConfig(**{"vocab_size": VOCAB, "block_size": block_size, **overrides}))
     optimizer = model.optimizer(3e-3, 0.1, (0.9, 0.99), "cpu", muon)
-    x = torch.randint(0, VOCAB, (batch_size, block_size))
+    x = torch.randint(0, model.config.vocab_size, (batch_size, block_size))
 
     def step():
         _, loss = model(x, x)
@@ -47,9 +53,10 @@ def trainer(overrides, batch_size=64, block_size=128, muon=False):
 
 def main(argv):
     base_steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), None)
+    names = next((a.split("=")[1].split(",") for a in argv if a.startswith("--variants=")), list(VARIANTS))
     rounds, steps = 5, 5
-    steppers = {name: trainer(*variant) for name, variant in VARIANTS.items()}
-    best = {name: float("inf") for name in VARIANTS}
+    steppers = {name: trainer(*VARIANTS[name]) for name in names}
+    best = {name: float("inf") for name in names}
     for _ in range(rounds):
         for name, step in steppers.items():
             start = time.perf_counter()
@@ -58,11 +65,11 @@ def main(argv):
             best[name] = min(best[name], (time.perf_counter() - start) / steps)
     print(f"{torch.get_num_threads()} threads, best of {rounds} rounds of {steps} steps")
     for name, seconds in best.items():
-        ratio = best["default"] / seconds
-        equal = f"  {round(base_steps * ratio)} steps for {base_steps} of the default" if base_steps else ""
+        ratio = best[names[0]] / seconds
+        equal = f"  {round(base_steps * ratio)} steps for {base_steps} of {names[0]}" if base_steps else ""
         chars = VARIANTS[name][1] * VARIANTS[name][2]
         print(f"{name:14s} {seconds * 1000:6.0f} ms/step  {chars / seconds:8,.0f} char/s  "
-              f"{ratio:5.2f}x the default's steps per second{equal}")
+              f"{ratio:5.2f}x {names[0]}'s steps per second{equal}")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,13 @@ def check_resumable(state, path, cfg, world_size):
     if state["config"].get("muon", False) != cfg["muon"]:  # the optimizer's state would not fit
         raise UserError(f"{path} was trained with --muon={state['config'].get('muon', False)}: pass that to resume "
                         "it, or --out_dir=<new folder>")
+    kind, size = state["tokenizer"].get("kind", "char"), state["config"].get("vocab_size")  # older: char, no kind
+    if kind != cfg["tokenizer"] or kind == "bpe" and size != cfg["vocab_size"]:
+        def name(kind, size):
+            return f"--tokenizer=bpe --vocab_size={size}" if kind == "bpe" else "--tokenizer=char"
+        raise UserError(f"{path} was trained with {name(kind, size)}, the config asks for "
+                        f"{name(cfg['tokenizer'], cfg['vocab_size'])}: pass {name(kind, size)} to resume it, or "
+                        "--out_dir=<new folder> to train anew (a tokenizer is never retrained on resume)")
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")

@@ -3,7 +3,7 @@ pickled code; and whether a checkpoint can continue under the settings given.
 
 A checkpoint is one torch.save'd dict of tensors, numbers, strings, lists and dicts, so
 torch.load(weights_only=True) can read it. Its keys: format, step, model, optimizer,
-model_args, config, tokenizer, data, rng and the rest (see capture), and a
+model_args, config, tokenizer, data, rng, wandb_id and the rest (see capture), and a
 checksum of all of them: torch.load alone does not notice a damaged byte inside a tensor.
 """
 
@@ -59,9 +59,10 @@ def checksum(obj, h=None):
     return h.hexdigest()
 
 
-def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device):
+def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wandb_id=None):
     """Everything a run needs to continue exactly, after step steps of a run whose stages start
-    at the steps in starts; every rank must call it (it gathers each rank's data and RNG)."""
+    at the steps in starts; every rank must call it (it gathers each rank's data and RNG).
+    wandb_id: the W&B run a resume continues, if the run has one."""
     stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
     return {
         "format": FORMAT,
@@ -77,6 +78,7 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device):
         "data": gather(batches.state_dict()),  # one per rank
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
+        "wandb_id": wandb_id,
     }
 
 

@@ -44,6 +44,7 @@ COMPILE = False  # torch.compile the model (CUDA and CPU; ignored on MPS)
 LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every this many steps
 EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
 EVAL_CHARS = 500_000  # validation characters: the whole split up to this (0: no limit), else a sample across it
+WANDB_PROJECT = ""  # also log metrics.jsonl's rows and the settings to this Weights & Biases project; empty: off
 EVAL_ONLY = False  # evaluate the newest checkpoint on the whole validation split (unless --eval_chars), then exit
 
 # --- checkpoints ---

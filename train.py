@@ -207,10 +207,10 @@ def run(cfg, rank, world_size, device):
         print(f"starting fresh: removing the checkpoints in {out_dir}")
         for old in checkpoint.paths(out_dir):
             old.unlink()
-    metrics = Metrics(out_dir, step) if rank == 0 else None
     if step >= cfg["max_steps"]:
         print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
         return
+    metrics = Metrics(out_dir, step, cfg, state and state.get("wandb_id")) if rank == 0 else None
 
     accum = cfg["grad_accum_steps"]
     chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
@@ -266,7 +266,8 @@ def run(cfg, rank, world_size, device):
                     metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
                 log_time += time.time() - eval_started  # evaluation is not training time
             if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
-                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device)
+                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
+                                           metrics and metrics.wandb_id)
                 if rank == 0:
                     saved = checkpoint.save(state, out_dir, cfg["keep_checkpoints"])
             if stop:
@@ -275,6 +276,8 @@ def run(cfg, rank, world_size, device):
         for s, handler in handlers.items():
             signal.signal(s, handler)
         batches.close()
+        if metrics:
+            metrics.close()
 
     unknown = tokenizer.unknown_report()
     if unknown:

@@ -63,8 +63,9 @@ def main(argv):
     context = [EOS] + ids  # a story starts after an end-of-story token, as in training
     block_size = model.config.block_size
     if len(context) > block_size:
-        print(f"note: the prompt is longer than the model's {block_size}-{tokenizer.unit} context; "
-              f"it continues from the last {block_size} {tokenizer.unit}s", file=sys.stderr)
+        word = "character" if tokenizer.unit == "char" else "token"
+        print(f"note: the prompt is longer than the model's {block_size}-{word} context; "
+              f"it continues from the last {block_size} {word}s", file=sys.stderr)
         context = context[-block_size:]
 
     temperature = 0.0 if cfg["greedy"] else cfg["temperature"]

@@ -213,13 +213,16 @@ def check_resumable(state, path, cfg, world_size):
     if state["config"].get("muon", False) != cfg["muon"]:  # the optimizer's state would not fit
         raise UserError(f"{path} was trained with --muon={state['config'].get('muon', False)}: pass that to resume "
                         "it, or --out_dir=<new folder>")
-    kind, size = state["tokenizer"].get("kind", "char"), state["config"].get("vocab_size")  # older: char, no kind
-    if kind != cfg["tokenizer"] or kind == "bpe" and size != cfg["vocab_size"]:
-        def name(kind, size):
-            return f"--tokenizer=bpe --vocab_size={size}" if kind == "bpe" else "--tokenizer=char"
-        raise UserError(f"{path} was trained with {name(kind, size)}, the config asks for "
-                        f"{name(cfg['tokenizer'], cfg['vocab_size'])}: pass {name(kind, size)} to resume it, or "
+    saved = tokenizer_args(state["tokenizer"].get("kind", "char"), state["config"].get("vocab_size"))  # older: no kind
+    if saved != tokenizer_args(cfg["tokenizer"], cfg["vocab_size"]):
+        raise UserError(f"{path} was trained with {saved}, the config asks for "
+                        f"{tokenizer_args(cfg['tokenizer'], cfg['vocab_size'])}: pass {saved} to resume it, or "
                         "--out_dir=<new folder> to train anew (a tokenizer is never retrained on resume)")
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
+
+
+def tokenizer_args(kind, vocab_size):
+    """The settings that make a tokenizer, as given on the command line: VOCAB_SIZE counts only for BPE."""
+    return f"--tokenizer=bpe --vocab_size={vocab_size}" if kind == "bpe" else f"--tokenizer={kind}"

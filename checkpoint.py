@@ -3,7 +3,7 @@ pickled code; and whether a checkpoint can continue under the settings given.
 
 A checkpoint is one torch.save'd dict of tensors, numbers, strings, lists and dicts, so
 torch.load(weights_only=True) can read it. Its keys: format, step, model, optimizer,
-model_args, config, tokenizer, data, rng and the rest (see capture), and a
+model_args, config, tokenizer, data, rng, wandb_id and the rest (see capture), and a
 checksum of all of them: torch.load alone does not notice a damaged byte inside a tensor.
 """
 
@@ -59,9 +59,10 @@ def checksum(obj, h=None):
     return h.hexdigest()
 
 
-def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device):
+def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wandb_id=None):
     """Everything a run needs to continue exactly, after step steps of a run whose stages start
-    at the steps in starts; every rank must call it (it gathers each rank's data and RNG)."""
+    at the steps in starts; every rank must call it (it gathers each rank's data and RNG).
+    wandb_id: the W&B run a resume continues, if the run has one."""
     stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
     return {
         "format": FORMAT,
@@ -77,6 +78,7 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device):
         "data": gather(batches.state_dict()),  # one per rank
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
+        "wandb_id": wandb_id,
     }
 
 
@@ -211,6 +213,16 @@ def check_resumable(state, path, cfg, world_size):
     if state["config"].get("muon", False) != cfg["muon"]:  # the optimizer's state would not fit
         raise UserError(f"{path} was trained with --muon={state['config'].get('muon', False)}: pass that to resume "
                         "it, or --out_dir=<new folder>")
+    saved = tokenizer_args(state["tokenizer"].get("kind", "char"), state["config"].get("vocab_size"))  # older: no kind
+    if saved != tokenizer_args(cfg["tokenizer"], cfg["vocab_size"]):
+        raise UserError(f"{path} was trained with {saved}, the config asks for "
+                        f"{tokenizer_args(cfg['tokenizer'], cfg['vocab_size'])}: pass {saved} to resume it, or "
+                        "--out_dir=<new folder> to train anew (a tokenizer is never retrained on resume)")
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
+
+
+def tokenizer_args(kind, vocab_size):
+    """The settings that make a tokenizer, as given on the command line: VOCAB_SIZE counts only for BPE."""
+    return f"--tokenizer=bpe --vocab_size={vocab_size}" if kind == "bpe" else f"--tokenizer={kind}"

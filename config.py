@@ -7,11 +7,13 @@ override any constant for one run from the command line, in lower case:
 
 # --- data ---
 DATASET = "roneneldan/TinyStories"  # a hub dataset, a local folder in the hub's layout, or a .txt/.jsonl/.parquet file
-TOKENIZER_STORIES = 10_000  # the vocabulary: every character in this many first training stories, up to 16M characters
+TOKENIZER = "char"  # char: one id per character; bpe: byte-level BPE of VOCAB_SIZE ids (see tokenizer.py)
+VOCAB_SIZE = 512  # ids of the BPE tokenizer (bpe only; at least 257: every byte and the end of a story)
+TOKENIZER_STORIES = 10_000  # the vocabulary is built from this many first training stories, up to 16M characters
 HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training story is held out to validate on
 
 # --- model ---
-BLOCK_SIZE = 128  # characters of context
+BLOCK_SIZE = 128  # tokens of context (characters, with the char tokenizer)
 N_LAYER = 1  # transformer blocks
 N_HEAD = 4  # attention heads per block
 N_EMBD = 128  # width of the residual stream
@@ -46,6 +48,7 @@ DETERMINISTIC = False
 LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every this many steps
 EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
 EVAL_CHARS = 500_000  # validation characters: the whole split up to this (0: no limit), else a sample across it
+WANDB_PROJECT = ""  # also log metrics.jsonl's rows and the settings to this Weights & Biases project; empty: off
 EVAL_ONLY = False  # evaluate the newest checkpoint on the whole validation split (unless --eval_chars), then exit
 
 # --- checkpoints ---
@@ -57,7 +60,7 @@ RESUME = True  # continue from the newest checkpoint in OUT_DIR; False starts fr
 # --- sampling (sample.py) ---
 PROMPT = "Once upon a time"  # the text to continue; empty starts a new story
 CHECKPOINT = ""  # a checkpoint file; empty takes the newest in OUT_DIR
-MAX_NEW_TOKENS = 500  # characters to generate at most
+MAX_NEW_TOKENS = 500  # tokens to generate at most (characters, with the char tokenizer)
 NUM_SAMPLES = 1  # samples drawn in one batch
 GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
 TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy

@@ -299,6 +299,13 @@ class Batches:
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
 
 
+def target_counts(y, tokenizer):
+    """(tokens, characters) among the targets y: padding is neither, and each token counts the
+    characters it stands for (tokenizer.char_lengths), so losses can be given per character."""
+    real = y[y != PAD]
+    return real.numel(), int(torch.tensor(tokenizer.char_lengths)[real].sum())
+
+
 def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
     """The training stream of cfg's dataset, without the held-out stories if held_out."""
     every = cfg["holdout_every"]

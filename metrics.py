@@ -1,14 +1,32 @@
 """What a training run leaves to read: OUT_DIR/metrics.jsonl, one JSON object per progress line
-and per evaluation, and OUT_DIR/loss.png, the loss curve drawn from it."""
+and per evaluation, and OUT_DIR/loss.png, the loss curve drawn from it. With WANDB_PROJECT set, the
+same rows also go to Weights & Biases, with the settings as the run's config."""
 
 import json
 from pathlib import Path
 
+from config import UserError
+
 
 class Metrics:
-    """OUT_DIR/metrics.jsonl: one JSON object per progress line and per evaluation."""
+    """OUT_DIR/metrics.jsonl: one JSON object per progress line and per evaluation; and, with
+    WANDB_PROJECT, the same rows logged to W&B.
 
-    def __init__(self, out_dir, resume_step):
+    wandb_id is the W&B run a resumed run continues (kept in its checkpoint), None for a new one;
+    self.wandb_id is the one to keep. wandb is imported only when WANDB_PROJECT is set."""
+
+    def __init__(self, out_dir, resume_step, cfg, wandb_id=None):
+        self.wandb, self.wandb_id = None, wandb_id  # an id is kept even by a run that does not log to W&B
+        if cfg["wandb_project"]:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(f"--wandb_project={cfg['wandb_project']} needs the wandb package: pip install "
+                                "\"wandb>=0.31\" (or leave --wandb_project empty)") from None
+            # resume="allow": the run of that id if W&B has it, else a new run of that id. Steps a resumed run
+            # logs again (those after its checkpoint) are dropped by W&B; on CPU they are the same numbers.
+            self.wandb = wandb.init(project=cfg["wandb_project"], id=wandb_id, resume="allow", config=cfg)
+            self.wandb_id = self.wandb.id
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.path.exists():  # drop what a stopped run logged after its last checkpoint
             kept = []
@@ -23,6 +41,12 @@ class Metrics:
     def log(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
 
 
 def plot_losses(out_dir, chars_per_step):

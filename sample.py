@@ -19,7 +19,7 @@ import checkpoint
 import config
 from config import UserError
 from model import GPT, GPTConfig, pick_device
-from tokenizer import EOS, Tokenizer
+from tokenizer import EOS, load_tokenizer
 
 
 def load_model(cfg, device):
@@ -37,7 +37,7 @@ def load_model(cfg, device):
         state = found[1]
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), Tokenizer.from_state_dict(state["tokenizer"])
+    return model.to(device).eval(), load_tokenizer(state["tokenizer"])
 
 
 def main(argv):
@@ -63,8 +63,9 @@ def main(argv):
     context = [EOS] + ids  # a story starts after an end-of-story token, as in training
     block_size = model.config.block_size
     if len(context) > block_size:
-        print(f"note: the prompt is longer than the model's {block_size}-character context; "
-              f"it continues from the last {block_size} characters", file=sys.stderr)
+        word = "character" if tokenizer.unit == "char" else "token"
+        print(f"note: the prompt is longer than the model's {block_size}-{word} context; "
+              f"it continues from the last {block_size} {word}s", file=sys.stderr)
         context = context[-block_size:]
 
     temperature = 0.0 if cfg["greedy"] else cfg["temperature"]

@@ -1,4 +1,4 @@
-"""Train the character-level GPT on TinyStories, streamed.
+"""Train the GPT on TinyStories, streamed, on characters or BPE tokens.
 
     python train.py                                        # roneneldan/TinyStories from the hub
     python train.py --dataset=../shared/data/tinystories   # a local copy in the hub's layout
@@ -33,7 +33,7 @@ from metrics import Metrics, plot_losses
 from config import UserError
 from model import (GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device,
                    rank_device)
-from tokenizer import Tokenizer
+from tokenizer import build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 
@@ -124,20 +124,21 @@ def stage_starts(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast):
-    """Validation loss in nats per character: the mean over every character of the validation
-    text (of every rank's share of it, under torchrun)."""
+def evaluate(model, batches, device, autocast, tokenizer):
+    """(validation loss in nats per token, in bits per character): the loss summed over every token of
+    the validation text (of every rank's share of it, under torchrun), over its tokens, and over the
+    characters they stand for, / ln 2. With the char tokenizer a token is a character."""
     model.eval()
-    total = torch.zeros(2, device=device)  # summed loss, characters
+    total = torch.zeros(3, device=device)  # summed loss, tokens, characters
     for x, y in batches:
         with autocast:
             loss = model(x.to(device), y.to(device))[1].float()
-        n = (y != data.PAD).sum().to(device)
-        total += torch.stack([loss * n, n])
+        n, chars = data.target_counts(y, tokenizer)
+        total += torch.stack([loss * n, torch.tensor(n, device=device), torch.tensor(chars, device=device)])
     model.train()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item(), (total[0] / total[2]).item() / math.log(2)
 
 
 def format_time(seconds):
@@ -163,16 +164,17 @@ def main(argv):
 
 
 def start(cfg, world_size, out_dir):
-    """(path, state, tokenizer): the newest checkpoint in out_dir and its vocabulary, or, for a
-    fresh run, (None, None, a vocabulary built from the first training stories)."""
+    """(path, state, tokenizer): the newest checkpoint in out_dir and its tokenizer, or, for a
+    fresh run, (None, None, a tokenizer built from the first training stories)."""
     found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
     if found:
         path, state = found
         checkpoint.check_resumable(state, path, cfg, world_size)
-        return path, state, Tokenizer.from_state_dict(state["tokenizer"])
+        return path, state, load_tokenizer(state["tokenizer"])
     if cfg["eval_only"]:
         raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
-    return None, None, Tokenizer.from_texts(data.vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"]))
+    texts = data.vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"])
+    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"])
 
 
 def run(cfg, rank, world_size, device):
@@ -184,12 +186,14 @@ def run(cfg, rank, world_size, device):
                           swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"])).to(device)
     autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
-    val_chars = sum(int((y != data.PAD).sum()) for _, y in val_batches)
-    print(f"validation: {about}, {val_chars:,} characters{' on this rank' if world_size > 1 else ''}")
+    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, tokenizer) for _, y in val_batches)))
+    unit = tokenizer.unit
+    print(f"validation: {about}, {val_chars:,} characters{f' in {val_tokens:,} tokens' * (unit == 'token')}"
+          f"{' on this rank' if world_size > 1 else ''}")
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
-        val_loss = evaluate(model, val_batches, device, autocast)
-        print(f"val_loss={val_loss:.4f} val_bpc={val_loss / math.log(2):.4f} val_chars={val_chars}")
+        val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+        print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_chars} val_tokens={val_tokens}")
         return
 
     def new_optimizer():
@@ -206,14 +210,15 @@ def run(cfg, rank, world_size, device):
         print(f"starting fresh: removing the checkpoints in {out_dir}")
         for old in checkpoint.paths(out_dir):
             old.unlink()
-    metrics = Metrics(out_dir, step) if rank == 0 else None
     if step >= cfg["max_steps"]:
         print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
         return
+    metrics = Metrics(out_dir, step, cfg, state and state.get("wandb_id")) if rank == 0 else None
 
     accum = cfg["grad_accum_steps"]
     chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
-    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size}, device {device}; "
+    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size} ({tokenizer.kind}), "
+          f"device {device}; "
           f"global batch {cfg['batch_size'] * accum * world_size} windows = {cfg['batch_size']} x {world_size} "
           f"rank{'s' if world_size > 1 else ''} x {accum} accumulation step{'s' if accum > 1 else ''}")
     train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
@@ -231,7 +236,7 @@ def run(cfg, rank, world_size, device):
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     starts = stage_starts(cfg)
     first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
-    val_loss = saved = None
+    val_loss = val_bpc = saved = None
     try:
         while step < cfg["max_steps"]:
             stage = bisect.bisect_right(starts, step) - 1
@@ -240,7 +245,7 @@ def run(cfg, rank, world_size, device):
                 optimizer = new_optimizer()
                 print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
             lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
-            loss = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step)
+            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer)
             step += 1
 
             if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
@@ -250,20 +255,22 @@ def run(cfg, rank, world_size, device):
                 eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
                 staged = {"stage": stage + 1} if len(starts) > 1 else {}  # shown only when there are stages
                 print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
-                      f"| loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} char/s | {format_time(now - started)} elapsed "
-                      f"| ETA {format_time(eta)}")
+                      f"| loss {loss:.4f} | {bpc:.4f} bits/char | lr {lr:.2e} | {rate:,.0f} {unit}/s "
+                      f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
                 if metrics:
-                    metrics.log(step=step, **staged, loss=loss, lr=lr, tokens_per_sec=rate, elapsed_s=now - started)
+                    metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
+                                elapsed_s=now - started)
                 log_step, log_time = step, time.time()
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
-                val_loss = evaluate(model, val_batches, device, autocast)
-                print(f"step {step}: val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char)")
+                val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+                print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
                 if metrics:
-                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_loss / math.log(2), val_chars=val_chars)
+                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
                 log_time += time.time() - eval_started  # evaluation is not training time
             if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
-                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device)
+                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
+                                           metrics and metrics.wandb_id)
                 if rank == 0:
                     saved = checkpoint.save(state, out_dir, cfg["keep_checkpoints"])
             if stop:
@@ -272,6 +279,8 @@ def run(cfg, rank, world_size, device):
         for s, handler in handlers.items():
             signal.signal(s, handler)
         batches.close()
+        if metrics:
+            metrics.close()
 
     unknown = tokenizer.unknown_report()
     if unknown:
@@ -282,19 +291,21 @@ def run(cfg, rank, world_size, device):
     if world_size > 1:
         check_replicas(model)
     report(model, device, world_size, chars_per_step * (step - first_step) / train_time,
-           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, saved)
+           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, val_bpc, unit, saved)
     plot_losses(out_dir, chars_per_step)
 
 
-def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step):
-    """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss.
-    A loss that is not finite stops the run before the update, so no bad weights are ever saved."""
+def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer):
+    """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss, in nats
+    per token and in bits per character. A loss that is not finite stops the run before the update, so no
+    bad weights are ever saved."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     accum, distributed = cfg["grad_accum_steps"], dist.is_initialized()
-    loss = 0.0
+    loss, counts = 0.0, [0, 0]  # tokens, characters
     for micro in range(accum):
         x, y = next(batches)
+        counts = [a + b for a, b in zip(counts, data.target_counts(y, tokenizer))]
         if distributed:  # average the gradients across ranks once, after the last micro-batch
             train_model.require_backward_grad_sync = micro == accum - 1
         with autocast:
@@ -317,17 +328,17 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
         torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.item(), loss.item() / math.log(2) * (counts[0] / counts[1])
 
 
-def report(model, device, world_size, rate, steps, val_loss, saved):
+def report(model, device, world_size, rate, steps, val_loss, val_bpc, unit, saved):
     """The final lines: speed, validation loss, and MFU against the measured matrix-product rate of
     the dtype the run computed in."""
-    print(f"done: {steps}, {rate:,.0f} char/s in training; "
-          f"val_loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.4f} bits/char); saved {saved}")
+    print(f"done: {steps}, {rate:,.0f} {unit}/s in training; "
+          f"val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char); saved {saved}")
     flops, dtype = model.flops_per_char(), compute_dtype(device)  # the rate of the dtype it computed in
     peak = matmul_rate(device, dtype)
-    print(f"model: {flops / 1e6:.2f} MFLOP per character; MFU {rate * flops / peak / world_size:.0%} of "
+    print(f"model: {flops / 1e6:.2f} MFLOP per {unit}; MFU {rate * flops / peak / world_size:.0%} of "
           f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s "
           f"{str(dtype).removeprefix('torch.')} matrix-product rate")
 

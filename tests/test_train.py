@@ -34,7 +34,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_a_checkpoint(stories_di
     logs = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in logs] == list(range(1, 31))
-    assert set(logs[0]) == {"step", "loss", "lr", "tokens_per_sec", "elapsed_s"}
+    assert set(logs[0]) == {"step", "loss", "bpc", "lr", "tokens_per_sec", "elapsed_s"}
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.5
@@ -108,7 +108,8 @@ def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_d
     capsys.readouterr()
     run(stories_dir, tmp_path, "--eval_only=True")
     out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert out == f"val_loss={final['val_loss']:.4f} val_bpc={final['val_bpc']:.4f} val_chars={final['val_chars']}"
+    assert out == (f"val_loss={final['val_loss']:.4f} val_bpc={final['val_bpc']:.4f} val_chars={final['val_chars']} "
+                   f"val_tokens={final['val_tokens']}")
 
 
 def test_eval_only_without_a_checkpoint_is_an_error(stories_dir, tmp_path):
@@ -166,7 +167,14 @@ def test_the_validation_loss_is_the_mean_over_every_validation_character(stories
     with torch.no_grad():
         logits = torch.cat([model(x, y)[0].flatten(0, 1) for x, y in batches])
         expected = F.cross_entropy(logits, torch.cat([y.flatten() for _, y in batches]), ignore_index=data.PAD)
-    assert train.evaluate(model, batches, torch.device("cpu"), nullcontext()) == pytest.approx(expected.item(), rel=1e-5)
+    loss, bpc = train.evaluate(model, batches, torch.device("cpu"), nullcontext(), tok)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert bpc == loss / math.log(2)  # a character tokenizer's bits per character: its loss / ln 2, exactly as before
+
+
+def test_the_char_tokenizers_progress_line_gives_its_loss_in_bits_per_character(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=3")
+    assert all(r["bpc"] == r["loss"] / math.log(2) for r in metrics(tmp_path) if "loss" in r)
 
 
 def test_an_adamw_run_resumes_exactly_as_an_uninterrupted_run(stories_dir, tmp_path):

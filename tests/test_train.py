@@ -203,7 +203,7 @@ def test_mfu_is_taken_against_the_rate_of_the_dtype_the_run_computes_in(monkeypa
     monkeypatch.setattr(train, "compute_dtype", lambda device: torch.bfloat16)  # as on a CUDA device with bf16
     monkeypatch.setattr(train, "matmul_rate", lambda device, dtype: measured.append(dtype) or 1e12)
     model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    train.report(model, torch.device("cpu"), 1, 1e6, "1 steps", 1.0, "ckpt")
+    train.report(model, torch.device("cpu"), 1, 1e6, "1 steps", 1.0, 1.0 / math.log(2), "char", "ckpt")
     assert measured == [torch.bfloat16]
     assert "1,000 GFLOP/s bfloat16 matrix-product rate" in capsys.readouterr().out
 

@@ -206,8 +206,8 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
         if not hidden:
             return adamw
-        return Optimizers(adamw, torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
-                                                  adjust_lr_fn="match_rms_adamw"))
+        return Optimizers(adamw, Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                      adjust_lr_fn="match_rms_adamw"))
 
     def decode(self, w, idx, start, cache):
         """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
@@ -352,6 +352,34 @@ class GPT(nn.Module):
                     break
         rows = torch.cat(new, 1).tolist() if new else [[] for _ in range(B)]
         return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in float32 rather than bfloat16. A CPU
+    without bfloat16 matrix instructions (AVX2 only, as on this project's machines) computes the
+    bfloat16 iteration 14 times slower: 193 ms of a 470 ms training step, against 14 ms in float32.
+    Otherwise torch's step (Nesterov momentum, decoupled weight decay, match_rms_adamw scaling) and
+    torch's state, so checkpoints of either load into the other."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            assert group["nesterov"] and group["adjust_lr_fn"] == "match_rms_adamw"
+            a, b, c = group["ns_coefficients"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = p.grad.lerp(buf, group["momentum"])
+                tall = x.size(0) > x.size(1)  # iterate on the wide side: X @ X.T is then the small product
+                x = x.T if tall else x
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x.T if tall else x, alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
 
 
 class Optimizers:

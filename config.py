@@ -23,16 +23,16 @@ SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) in
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 
 # --- training ---
-MAX_STEPS = 4500  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 5200  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory
 LEARNING_RATE = 6e-3  # peak learning rate, reached after warmup
 MIN_LR = 0.0  # the decay ends here at MAX_STEPS
 WARMUP_STEPS = 100  # linear warmup from 0 to LEARNING_RATE
-COOLDOWN = 0.3  # 0: cosine decay to MIN_LR; else hold LEARNING_RATE, then decay linearly over this last fraction
+COOLDOWN = 0.6  # 0: cosine decay to MIN_LR; else hold LEARNING_RATE, then decay linearly over this last fraction
 MUON = True  # Muon for the blocks' matrices (AdamW for embeddings, head, biases and norms); False: AdamW for all
-WEIGHT_DECAY = 0.1  # AdamW decay on matrices and embeddings (not biases or norms)
+WEIGHT_DECAY = 0.0  # decoupled decay on matrices and embeddings (not biases or norms), both optimizers
 BETA1 = 0.9  # AdamW first-moment decay
 BETA2 = 0.99  # AdamW second-moment decay
 GRAD_CLIP = 1.0  # clip the gradient's global norm to this; 0 turns clipping off

@@ -13,9 +13,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
-    # The first recipe, each change alone, and both (today's defaults).
-    settings=("--muon=False --cooldown=0 --min_lr=6e-4" "--muon=False --cooldown=0.3 --min_lr=0"
-              "--muon=True --cooldown=0 --min_lr=6e-4" "--muon=True --cooldown=0.3 --min_lr=0")
+    # The first recipe, each change of the second record alone, and both (the second record).
+    settings=("--muon=False --cooldown=0 --min_lr=6e-4 --weight_decay=0.1"
+              "--muon=False --cooldown=0.3 --min_lr=0 --weight_decay=0.1"
+              "--muon=True --cooldown=0 --min_lr=6e-4 --weight_decay=0.1"
+              "--muon=True --cooldown=0.3 --min_lr=0 --weight_decay=0.1")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"
 echo "|---|---|---|---|"

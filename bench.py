@@ -189,7 +189,7 @@ def main(argv):
         torch.manual_seed(0)
         return GPT(GPTConfig(tokenizer.vocab_size, cfg["block_size"], cfg["n_layer"], cfg["n_head"],
                              cfg["n_embd"], rope=cfg["rope"], swiglu=cfg["swiglu"],
-                             tie_weights=cfg["tie_weights"])).to(device)
+                             tie_weights=cfg["tie_weights"], token_shift=cfg["token_shift"])).to(device)
 
     model = make()
     dtype = compute_dtype(device)  # what training computes in, so MFU's yardstick

@@ -32,7 +32,7 @@ FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within 
          errno.EACCES: "make {} writable", errno.EPERM: "make {} writable", errno.EROFS: "make {} writable",
          errno.ENOENT: "{} was moved or deleted during the run: put it back"}
 # The model settings a checkpoint must share with the config to be resumed.
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights")
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift")
 
 
 def paths(out_dir):

@@ -21,6 +21,7 @@ DROPOUT = 0.0  # dropout probability in training
 ROPE = False  # rotary position embeddings in attention instead of learned ones (wpe)
 SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) instead of GELU
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
+TOKEN_SHIFT = False  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs
 
 # --- training ---
 MAX_STEPS = 5200  # optimizer steps in all; may be raised on resume to train longer

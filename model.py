@@ -1,9 +1,14 @@
 """The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
 LayerNorm and an untied linear head. Plain nn.Module, no framework.
 
-Three switches, all off by default (README, "The default recipe", says why): rotary position
-embeddings instead of learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), and a head
-that shares the token embedding's weights (tie_weights).
+Four switches, all off in GPTConfig, the reference architecture: rotary position embeddings
+instead of learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the
+token embedding's weights (tie_weights), and token shift (token_shift, RWKV's name for it): each
+position's embedding, and the input of each sublayer, gets a learned per-channel share of the
+previous position's added. One block sees the characters before it only through attention's
+averages; the shift hands it the last one directly, for n_embd parameters at the embedding and
+2 x n_embd per block. The speedrun's recipe in config.py turns it on (README, "The 10-minute CPU
+speedrun", says why).
 
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling runs decode, the same forward pass written over plain weight
@@ -38,6 +43,7 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings on queries and keys instead of a learned wpe
     swiglu: bool = False  # SwiGLU MLP of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
+    token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
 
 
 class Rotary(nn.Module):
@@ -123,10 +129,25 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
+        self.token_shift = config.token_shift
+        if config.token_shift:  # per channel, the share of the previous position's input; from 0
+            self.shift_1 = nn.Parameter(torch.zeros(config.n_embd))
+            self.shift_2 = nn.Parameter(torch.zeros(config.n_embd))
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_1(x)
+        if self.token_shift:
+            h = h + self.shift_1 * shifted(h)
+        x = x + self.attn(h)
+        h = self.ln_2(x)
+        if self.token_shift:
+            h = h + self.shift_2 * shifted(h)
+        return x + self.mlp(h)
+
+
+def shifted(x):
+    """x (B, T, C) moved one position later: position t holds x[:, t - 1], position 0 zeros."""
+    return F.pad(x, (0, 0, 1, 0))[:, :-1]
 
 
 # generate looks for the end of a story every this many characters: each look waits for the device.
@@ -152,6 +173,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
+        if config.token_shift:
+            self.shift = nn.Parameter(torch.zeros(config.n_embd))
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, p in self.named_parameters():
@@ -182,6 +205,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if not self.config.rope:
             x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
+        if self.config.token_shift:
+            x = x + self.shift * shifted(x)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
@@ -209,13 +234,20 @@ class GPT(nn.Module):
         return Optimizers(adamw, Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
                                       adjust_lr_fn="match_rms_adamw"))
 
+    def new_cache(self, batch, like):
+        """An empty key/value cache for decode, zeros of like's dtype and device: (n_layer, batch, n_head,
+        slots, block_size, head_dim), the slots keys and values, and with token_shift also the unshifted
+        embedding and sublayer inputs."""
+        c = self.config
+        return like.new_zeros(c.n_layer, batch, c.n_head, 5 if c.token_shift else 2, c.block_size, c.n_embd // c.n_head)
+
     def decode(self, w, idx, start, cache):
         """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
-        start + T - 1, after the keys and values in cache (n_layer, B, n_head, 2, block_size,
-        head_dim); theirs are written there. Either start is 0 (a prompt) or T is 1 (one character).
-        start is an int, or a one-element tensor (T is then 1): a CUDA graph replays the same
-        kernels at every step, so the position has to be data, not a slice bound; the step then
-        writes the cache with index_copy_ and attends over the whole block, masked past start.
+        start + T - 1, after the keys and values in cache (from new_cache); theirs are written there.
+        Either start is 0 (a prompt) or T is 1 (one character). start is an int, or a one-element
+        tensor (T is then 1): a CUDA graph replays the same kernels at every step, so the position
+        has to be data, not a slice bound; the step then writes the cache with index_copy_ and
+        attends over the whole block, masked past start.
 
         The same computation as forward, written as plain tensor operations over w, the weights as
         plain tensors by state_dict name. At one character per step every operation is tiny, so its
@@ -230,23 +262,44 @@ class GPT(nn.Module):
             x = x + (w["transformer.wpe.weight"].narrow(0, start, T) if sliced
                      else w["transformer.wpe.weight"].index_select(0, start))
         mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
+
+        def mix(h, i, slot, share):
+            """token_shift's h + share * (the previous position's h): the cache keeps each position's h
+            in a slot after its keys and values, for the characters of later calls."""
+            if not c.token_shift:
+                return h
+            kept = cache[i].select(2, slot)  # (B, n_head, block_size, head_dim)
+            if sliced and start == 0:
+                before = shifted(h)
+            else:
+                prev = kept.narrow(2, start - 1, 1) if sliced else kept.index_select(2, (start - 1).clamp(min=0))
+                before = torch.cat((prev.transpose(1, 2).reshape(B, 1, c.n_embd), h[:, :-1]), 1)
+            here = h.view(B, T, c.n_head, -1).transpose(1, 2)
+            if sliced:
+                kept.narrow(2, start, T).copy_(here)
+            else:
+                kept.index_copy_(2, start, here)
+            return h + share * before
+
+        x = mix(x, 0, 2, w.get("shift"))
         for i, block in enumerate(self.transformer.h):
             p = f"transformer.h.{i}."
-            h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+            h = mix(F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"]), i, 3, w.get(p + "shift_1"))
             qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
             qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
             if c.rope:
                 qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
             # narrow and select rather than [...] indexing, which costs microseconds per slice
+            kv = cache[i].narrow(2, 0, 2)
             if sliced:
-                cache[i].narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
-                keys, values = cache[i].narrow(3, 0, start + T).unbind(2)
+                kv.narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
+                keys, values = kv.narrow(3, 0, start + T).unbind(2)
             else:
-                keys, values = cache[i].index_copy_(3, start, qkv.narrow(2, 1, 2)).unbind(2)
+                keys, values = kv.index_copy_(3, start, qkv.narrow(2, 1, 2)).unbind(2)
             y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
             y = y.transpose(1, 2).reshape(B, T, c.n_embd)
             x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
-            h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+            h = mix(F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"]), i, 4, w.get(p + "shift_2"))
             h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
             if c.swiglu:
                 gate, value = h.chunk(2, dim=-1)
@@ -318,7 +371,7 @@ class GPT(nn.Module):
         w = {name: t.detach() for name, t in self.state_dict().items()}
         # Zeros, not empty: the static step attends over the whole block, and a NaN left in memory
         # would reach the output through its zero attention weight.
-        cache = w["lm_head.weight"].new_zeros(c.n_layer, B, c.n_head, 2, T, c.n_embd // c.n_head)
+        cache = self.new_cache(B, w["lm_head.weight"])
         draw_on = torch.device("cpu") if device.type == "mps" else device  # see pick
         if generator is not None and generator.device != draw_on:  # one for the device, seeded from it
             generator = torch.Generator(draw_on).manual_seed(int(torch.randint(2**62, (), generator=generator)))

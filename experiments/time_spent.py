@@ -23,7 +23,7 @@ def decode_cost(n_embd, steps=2000):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_embd=n_embd)).eval()
     w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = torch.zeros(1, 1, model.config.n_head, 2, model.config.block_size, n_embd // model.config.n_head)
+    cache = model.new_cache(1, torch.empty(0))
     idx = torch.tensor([[3]])
     with torch.inference_mode():
         for _ in range(200):

@@ -16,6 +16,16 @@ def test_default_model_has_the_reference_parameter_count():
     assert GPT(GPTConfig(vocab_size=94)).num_params() == 238_976
 
 
+def test_token_shift_adds_one_share_per_channel_at_the_embedding_and_each_sublayer():
+    plain, shifted = small_model().num_params(), small_model(token_shift=True).num_params()
+    assert shifted - plain == (1 + 2 * 2) * 16  # 2 layers of 16 channels
+
+
+def test_token_shift_starts_as_the_plain_model_its_shares_at_zero():
+    idx = torch.randint(0, 20, (2, 16))
+    torch.testing.assert_close(small_model(token_shift=True)(idx, idx), small_model()(idx, idx), rtol=0, atol=0)
+
+
 def test_training_forward_returns_logits_for_every_position_and_a_loss():
     model = small_model()
     idx = torch.randint(0, 20, (3, 16))
@@ -33,7 +43,7 @@ def larger_weights(model):
     return model
 
 
-SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}]
+SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token_shift": True}]
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
@@ -41,7 +51,7 @@ def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
     model = larger_weights(small_model(**switches))
     idx = torch.randint(0, 20, (2, 12))
     w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = torch.empty(2, 2, 2, 2, 16, 8)  # n_layer, B, n_head, keys and values, block_size, head_dim
+    cache = model.new_cache(2, torch.empty(0))
     with torch.no_grad():
         steps = [model.decode(w, idx[:, :5], 0, cache)]  # a prompt, then one character at a time
         steps += [model.decode(w, idx[:, t - 1:t], t - 1, cache) for t in range(6, 13)]
@@ -56,7 +66,7 @@ def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(swit
     model = larger_weights(small_model(**switches))
     idx = torch.randint(0, 20, (2, 12))
     w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = torch.zeros(2, 2, 2, 2, 16, 8)
+    cache = model.new_cache(2, torch.empty(0))
     with torch.no_grad():
         model.decode(w, idx[:, :5], 0, cache)
         for t in range(6, 13):

@@ -95,11 +95,11 @@ def test_a_checkpoint_without_rotary_positions_is_refused_by_a_rope_config(stori
 
 
 def test_a_model_with_every_switch_on_resumes(stories_dir, tmp_path):
-    switches = ["--rope", "--swiglu", "--tie_weights"]
+    switches = ["--rope", "--swiglu", "--tie_weights", "--token_shift"]
     run(stories_dir, tmp_path, "--max_steps=2", *switches)
     run(stories_dir, tmp_path, "--max_steps=4", *switches)
     state = checkpoint.load(checkpoint.paths(tmp_path)[0])
-    assert state["step"] == 4 and state["model_args"]["rope"] and state["model_args"]["tie_weights"]
+    assert state["step"] == 4 and all(state["model_args"][s[2:]] for s in switches)
 
 
 def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_dir, tmp_path, capsys):

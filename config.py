@@ -21,10 +21,10 @@ DROPOUT = 0.0  # dropout probability in training
 ROPE = False  # rotary position embeddings in attention instead of learned ones (wpe)
 SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) instead of GELU
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
-TOKEN_SHIFT = False  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs
+TOKEN_SHIFT = True  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs
 
 # --- training ---
-MAX_STEPS = 5200  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 4850  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory

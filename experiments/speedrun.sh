@@ -13,11 +13,14 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
-    # The first recipe, each change of the second record alone, and both (the second record).
-    settings=("--muon=False --cooldown=0 --min_lr=6e-4 --weight_decay=0.1"
-              "--muon=False --cooldown=0.3 --min_lr=0 --weight_decay=0.1"
-              "--muon=True --cooldown=0 --min_lr=6e-4 --weight_decay=0.1"
-              "--muon=True --cooldown=0.3 --min_lr=0 --weight_decay=0.1")
+    # The first recipe, each change of the second record alone, and both (the second record); then
+    # the third record and the fourth (token shift).
+    settings=("--muon=False --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False"
+              "--muon=False --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False"
+              "--muon=True --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False"
+              "--muon=True --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False"
+              "--token_shift=False"
+              "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"
 echo "|---|---|---|---|"

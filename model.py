@@ -269,11 +269,11 @@ class GPT(nn.Module):
             if not c.token_shift:
                 return h
             kept = cache[i].select(2, slot)  # (B, n_head, block_size, head_dim)
-            if sliced and start == 0:
+            if sliced and start == 0:  # a prompt
                 before = shifted(h)
-            else:
+            else:  # one character, whose predecessor the cache holds
                 prev = kept.narrow(2, start - 1, 1) if sliced else kept.index_select(2, (start - 1).clamp(min=0))
-                before = torch.cat((prev.transpose(1, 2).reshape(B, 1, c.n_embd), h[:, :-1]), 1)
+                before = prev.transpose(1, 2).reshape(B, 1, c.n_embd)
             here = h.view(B, T, c.n_head, -1).transpose(1, 2)
             if sliced:
                 kept.narrow(2, start, T).copy_(here)

@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 import config
+from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
 from model import GPT, GPTConfig, autocast_for, compute_dtype, matmul_rate, pick_device
 from tokenizer import Tokenizer
@@ -187,9 +188,7 @@ def main(argv):
 
     def make():
         torch.manual_seed(0)
-        return GPT(GPTConfig(tokenizer.vocab_size, cfg["block_size"], cfg["n_layer"], cfg["n_head"],
-                             cfg["n_embd"], rope=cfg["rope"], swiglu=cfg["swiglu"],
-                             tie_weights=cfg["tie_weights"], token_shift=cfg["token_shift"])).to(device)
+        return GPT(GPTConfig(tokenizer.vocab_size, **{key: cfg[key] for key in MODEL_KEYS})).to(device)
 
     model = make()
     dtype = compute_dtype(device)  # what training computes in, so MFU's yardstick

@@ -31,7 +31,8 @@ LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its
 FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within the disk quota",
          errno.EACCES: "make {} writable", errno.EPERM: "make {} writable", errno.EROFS: "make {} writable",
          errno.ENOENT: "{} was moved or deleted during the run: put it back"}
-# The model settings a checkpoint must share with the config to be resumed.
+# The model settings of config.py (GPTConfig's fields of the same names): a checkpoint must share them
+# with the config to be resumed.
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift")
 
 

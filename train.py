@@ -181,10 +181,8 @@ def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
     path, state, tokenizer = start(cfg, world_size, out_dir)
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], rope=cfg["rope"],
-                          swiglu=cfg["swiglu"], tie_weights=cfg["tie_weights"],
-                          token_shift=cfg["token_shift"])).to(device)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, dropout=cfg["dropout"],
+                          **{key: cfg[key] for key in checkpoint.MODEL_KEYS})).to(device)
     autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
     val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, tokenizer) for _, y in val_batches)))

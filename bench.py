@@ -3,7 +3,7 @@ sampling characters/s with and without the key/value cache, and the data loader'
 each beside the reference implementation (explicit masked-softmax attention, the whole sequence
 recomputed for every sampled character).
 
-    python bench.py                                    # default model, ../shared/data/tinystories
+    python bench.py                                    # default model, the tinystories/ slice
     python bench.py --dataset=PATH --n_embd=512 --n_layer=8
     python bench.py --rss                              # peak memory of runs on 10 MB and 1 GB of data
 
@@ -28,7 +28,6 @@ from data import Batches, open_split, training_batches, vocabulary_stories
 from model import GPT, GPTConfig, autocast_for, compute_dtype, matmul_rate, pick_device
 from tokenizer import Tokenizer
 
-DEFAULTS = ["--dataset=../shared/data/tinystories"]
 
 
 # The rows are a markdown table, named as the README's speed table names them.
@@ -180,7 +179,7 @@ def resume_seconds(data, fraction):
 
 def main(argv):
     rss = "--rss" in argv
-    cfg = config.load(DEFAULTS + [a for a in argv if a != "--rss"])
+    cfg = config.load([a for a in argv if a != "--rss"])
     if rss:
         return peak_rss(cfg)
     device = pick_device(cfg["device"])

@@ -1,12 +1,12 @@
 """Every setting of train.py and sample.py, as a commented constant. Edit this file, or
 override any constant for one run from the command line, in lower case:
 
-    python train.py --max_steps=500 --dataset ../shared/data/tinystories
+    python train.py --max_steps=500 --dataset=roneneldan/TinyStories
     python sample.py --greedy --prompt "Once upon a time"
 """
 
 # --- data ---
-DATASET = "roneneldan/TinyStories"  # a hub dataset, a local folder in the hub's layout, or a .txt/.jsonl/.parquet file
+DATASET = "tinystories"  # the slice in tinystories/; a hub dataset (roneneldan/TinyStories), a folder in the hub's layout, or a .txt/.jsonl/.parquet file
 TOKENIZER = "char"  # char: one id per character; bpe: byte-level BPE of VOCAB_SIZE ids (see tokenizer.py)
 VOCAB_SIZE = 512  # ids of the BPE tokenizer (bpe only; at least 257: every byte and the end of a story)
 TOKENIZER_STORIES = 10_000  # the vocabulary is built from this many first training stories, up to 16M characters

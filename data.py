@@ -28,6 +28,7 @@ SEPARATOR = "<|endoftext|>"  # ends a story inside a row or a .txt file
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 PAD = -1  # fills the end of a window that the next story does not fit in; ignored by the loss
 PIECE = 1 << 16  # characters: the most text read from a .txt file, or turned into ids, at once
+HERE = Path(__file__).parent
 VOCABULARY_TEXT = 1 << 24  # characters: the vocabulary's stories are cut off after this much text
 
 
@@ -41,6 +42,8 @@ def open_split(dataset, split, rank=0, world_size=1):
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
     path = Path(dataset).expanduser()
+    if not path.exists() and (HERE / path).exists():  # the project's own slice, from any working folder
+        path = HERE / path
     if not path.exists() and (dataset.startswith((".", "/", "~")) or path.suffix in BUILDERS):
         raise UserError(f"no such file or folder: {dataset}: check the path (a hub dataset is named "
                         "like roneneldan/TinyStories)")

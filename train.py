@@ -1,7 +1,7 @@
 """Train the GPT on TinyStories, streamed, on characters or BPE tokens.
 
-    python train.py                                        # roneneldan/TinyStories from the hub
-    python train.py --dataset=../shared/data/tinystories   # a local copy in the hub's layout
+    python train.py                                      # the tinystories/ slice: the speedrun's recipe
+    python train.py --dataset=roneneldan/TinyStories     # the full dataset, streamed from the hub
 
 Every setting is a constant in config.py and can be overridden for one run as --key=value.
 A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current step,

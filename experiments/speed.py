@@ -7,7 +7,7 @@ and repeatedly, and a variant that is 20% slower is then trained for 20% fewer s
     python experiments/speed.py --steps=1500         # also the equal-time step count of each
     OMP_NUM_THREADS=1 python experiments/speed.py
     python experiments/speed.py --variants=muon,bpe-512,bpe-2048 --steps=4500   # only these, against the first
-    python experiments/speed.py --variants=muon,bpe-512 --dataset=../shared/data/tinystories --rounds=10
+    python experiments/speed.py --variants=muon,bpe-512 --dataset=tinystories --rounds=10
 
 The BPE variants are the default model (Muon included) at the README's BPE widths: a larger
 vocabulary spends parameters on embeddings, so they are narrower to stay within 240,000. With
@@ -31,7 +31,7 @@ import data  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import build_tokenizer  # noqa: E402
 
-VOCAB = 83  # the tokenizer's vocabulary on ../shared/data/tinystories
+VOCAB = 83  # the tokenizer's vocabulary on the tinystories/ slice
 # name: (model settings, batch_size, block_size, muon)
 VARIANTS = {"default": ({}, 64, 128, False), "rope": ({"rope": True}, 64, 128, False),
             "swiglu": ({"swiglu": True}, 64, 128, False), "tie_weights": ({"tie_weights": True}, 64, 128, False),

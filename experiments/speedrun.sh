@@ -26,7 +26,7 @@ echo "| setting | steps | val loss (nats/char) | bits/char |"
 echo "|---|---|---|---|"
 for setting in "${settings[@]}"; do
     # shellcheck disable=SC2086  # a setting is several flags
-    python train.py --dataset=../shared/data/tinystories --out_dir="$tmp/out" --resume=False --max_steps=1000 \
+    python train.py --out_dir="$tmp/out" --resume=False --max_steps=1000 \
         --log_interval=100 --eval_interval=100000 $setting > "$tmp/log"
     loss=$(grep -o 'val_loss [0-9.]*' "$tmp/log" | tail -1 | cut -d' ' -f2)
     steps=$(grep -o 'done: [0-9]* steps' "$tmp/log" | cut -d' ' -f2)

@@ -30,6 +30,9 @@ from tokenizer import Tokenizer
 
 
 
+# The settings bench.py reads, for --help.
+READS = ("DATASET", "TOKENIZER_STORIES", *(key.upper() for key in MODEL_KEYS), "BATCH_SIZE", "MUON", "DEVICE")
+
 # The rows are a markdown table, named as the README's speed table names them.
 HEADER = "| | this project | reference |\n|---|---|---|"
 
@@ -179,7 +182,7 @@ def resume_seconds(data, fraction):
 
 def main(argv):
     rss = "--rss" in argv
-    cfg = config.load([a for a in argv if a != "--rss"])
+    cfg = config.load([a for a in argv if a != "--rss"], __doc__, READS)
     if rss:
         return peak_rss(cfg)
     device = pick_device(cfg["device"])

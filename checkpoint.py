@@ -139,6 +139,9 @@ def save(state, out_dir, keep):
 
 def load(path):
     """The checkpoint at path, checked; UserError if it cannot be used, saying why."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint file {path}: check the path, or leave --checkpoint out to take the "
+                        "newest in --out_dir")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -153,6 +156,15 @@ def load(path):
     if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
     return state
+
+
+def export(path, dest):
+    """Copy the checkpoint at path to dest for sampling and evaluation only: the weights, the model's
+    settings, the tokenizer and the config it was trained with, without optimizer, data or random
+    state, so it cannot be resumed (half the size)."""
+    state = load(path)
+    kept = {key: state[key] for key in ("format", "step", "model", "model_args", "config", "tokenizer")}
+    torch.save({**kept, "checksum": checksum(kept)}, dest)
 
 
 def load_newest(out_dir):
@@ -227,3 +239,7 @@ def check_resumable(state, path, cfg, world_size):
 def tokenizer_args(kind, vocab_size):
     """The settings that make a tokenizer, as given on the command line: VOCAB_SIZE counts only for BPE."""
     return f"--tokenizer=bpe --vocab_size={vocab_size}" if kind == "bpe" else f"--tokenizer={kind}"
+
+
+if __name__ == "__main__":  # python checkpoint.py SOURCE DEST: how pretrained/ was made (see its README)
+    export(*sys.argv[1:3])

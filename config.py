@@ -1,9 +1,14 @@
-"""Every setting of train.py and sample.py, as a commented constant. Edit this file, or
+"""Every setting of train.py, sample.py and bench.py, as a commented constant. Edit this file, or
 override any constant for one run from the command line, in lower case:
 
     python train.py --max_steps=500 --dataset=roneneldan/TinyStories
     python sample.py --greedy --prompt "Once upon a time"
+    python train.py --help      # the settings a command reads, from this file's own comments
 """
+
+import re
+import textwrap
+from pathlib import Path
 
 # --- data ---
 DATASET = "tinystories"  # the slice in tinystories/; a hub dataset (roneneldan/TinyStories), a folder in the hub's layout, or a .txt/.jsonl/.parquet file
@@ -50,17 +55,17 @@ LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every thi
 EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
 EVAL_CHARS = 500_000  # validation characters: the whole split up to this (0: no limit), else a sample across it
 WANDB_PROJECT = ""  # also log metrics.jsonl's rows and the settings to this Weights & Biases project; empty: off
-EVAL_ONLY = False  # evaluate the newest checkpoint on the whole validation split (unless --eval_chars), then exit
+EVAL_ONLY = False  # evaluate CHECKPOINT, or the newest in OUT_DIR, on the whole validation split (unless --eval_chars)
 
 # --- checkpoints ---
 OUT_DIR = "checkpoints"  # checkpoints and metrics.jsonl go here
 CHECKPOINT_INTERVAL = 500  # save every this many steps, and at the end
 KEEP_CHECKPOINTS = 2  # the newest this many checkpoints are kept
 RESUME = True  # continue from the newest checkpoint in OUT_DIR; False starts fresh and replaces them
+CHECKPOINT = ""  # a checkpoint file to sample or --eval_only; empty takes the newest in OUT_DIR
 
-# --- sampling (sample.py) ---
+# --- sampling ---
 PROMPT = "Once upon a time"  # the text to continue; empty starts a new story
-CHECKPOINT = ""  # a checkpoint file; empty takes the newest in OUT_DIR
 MAX_NEW_TOKENS = 500  # tokens to generate at most (characters, with the char tokenizer)
 NUM_SAMPLES = 1  # samples drawn in one batch
 GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
@@ -68,6 +73,7 @@ TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
 
+# --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error
 
 
@@ -75,11 +81,15 @@ class UserError(Exception):
     """A problem the user can fix: the scripts print it as one line, without a traceback."""
 
 
-def load(argv):
+def load(argv, doc=None, reads=()):
     """The settings as a dict of lower-case names, with --key=value (or --key value) overrides
-    from argv applied; a bare --flag sets a True/False setting to True."""
+    from argv applied; a bare --flag sets a True/False setting to True. With -h or --help in argv,
+    print usage(doc, reads) and exit instead."""
     import difflib
 
+    if "-h" in argv or "--help" in argv:
+        print(usage(doc or "", reads))
+        raise SystemExit(0)
     settings = {k.lower(): v for k, v in globals().items() if k.isupper()}
     i = 0
     while i < len(argv):
@@ -124,3 +134,35 @@ def _convert(key, value, default):
         return kind(value)
     except ValueError:
         raise UserError(f"--{key} takes a{'n' if kind is int else ''} {kind.__name__}, not {value!r}") from None
+
+
+def usage(doc, reads):
+    """The help of a command: the first two paragraphs of its docstring (what it does, how it is run),
+    then the settings it reads (reads: group names as this file heads them, or setting names), with
+    their defaults and this file's comments on them: the comments here are the one source."""
+    lines = ["\n\n".join(doc.strip().split("\n\n")[:2]), "",
+             "Settings (config.py; --key=value overrides one for a run):"]
+    for group, settings in documented().items():
+        shown = [(name, note) for name, note in settings if group in reads or name in reads]
+        if shown:
+            lines.append(f"\n{group}:")
+        for name, note in shown:
+            value = globals()[name] if globals()[name] != "" else '""'
+            flag = f"  --{name.lower()}={value}"
+            lines.append(textwrap.fill(note, 110, initial_indent=f"{flag:<31} ", subsequent_indent=" " * 32))
+    return "\n".join(lines)
+
+
+def documented():
+    """{group: [(NAME, comment)]} in this file's order, read from its own lines: a setting's comment
+    is the one on its line, or else the comment lines right above it."""
+    groups, group, above = {}, None, []
+    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
+        head = re.fullmatch(r"# --- (.+) ---", line)
+        setting = re.match(r"([A-Z][A-Z0-9_]*) = .*?(?:  # (.*))?$", line)
+        if head:
+            group = groups.setdefault(head[1], [])
+        elif setting and group is not None:
+            group.append((setting[1], setting[2] or " ".join(above)))
+        above = above + [line[2:]] if line.startswith("# ") and not head else []
+    return groups

@@ -4,10 +4,11 @@
     python sample.py --greedy --max_new_tokens=300
     python sample.py --num_samples=4 --top_k=10 --temperature=0.9 --seed=7
 
-Loads the newest checkpoint in --out_dir (default checkpoints) or --checkpoint=PATH, and
-runs on cuda, else mps, else cpu (--device to choose). The prompt and its continuation go
-to stdout and nothing else does; notes and warnings go to stderr. Every setting is in
-config.py under "sampling".
+Loads --checkpoint=PATH, or the newest checkpoint in --out_dir (default checkpoints), or, where
+the default --out_dir holds none yet, the model shipped in pretrained/ (and says so). Runs on
+cuda, else mps, else cpu (--device to choose). The prompt and its continuation go to stdout
+and nothing else does; notes and warnings go to stderr. Every setting is in config.py under
+"sampling"; `python sample.py --help` lists them.
 """
 
 import sys
@@ -21,27 +22,33 @@ from config import UserError
 from model import GPT, GPTConfig, pick_device
 from tokenizer import EOS, load_tokenizer
 
+READS = ("sampling", "CHECKPOINT", "OUT_DIR", "DEVICE", "SEED", "every command")  # for --help
+# The default run's final model, trained by `python train.py` (pretrained/README.md): a fresh clone
+# samples it until it has a checkpoint of its own.
+PRETRAINED = Path(__file__).parent / "pretrained" / "tinystories-char.pt"
+
 
 def load_model(cfg, device):
-    """(model, tokenizer) from --checkpoint, or the newest checkpoint in --out_dir."""
+    """(model, tokenizer) from --checkpoint, or the newest checkpoint in --out_dir, or the shipped model
+    where the default --out_dir has none."""
     if cfg["checkpoint"]:
-        if not Path(cfg["checkpoint"]).is_file():
-            raise UserError(f"no checkpoint file {cfg['checkpoint']}: check the path, or leave --checkpoint "
-                            f"out to take the newest in --out_dir")
         state = checkpoint.load(cfg["checkpoint"])
-    else:
-        found = checkpoint.load_newest(cfg["out_dir"])
-        if found is None:
-            raise UserError(f"no checkpoint in {Path(cfg['out_dir']).resolve()}: train one with "
-                            "`python train.py`, or pass --out_dir=DIR or --checkpoint=PATH")
+    elif found := checkpoint.load_newest(cfg["out_dir"]):
         state = found[1]
+    elif cfg["out_dir"] == config.OUT_DIR and PRETRAINED.is_file():
+        print(f"note: no checkpoint in {cfg['out_dir']}/ yet, so this is the shipped model {PRETRAINED} "
+              "(its README says how it was made); `python train.py` trains your own", file=sys.stderr)
+        state = checkpoint.load(PRETRAINED)
+    else:
+        raise UserError(f"no checkpoint in {Path(cfg['out_dir']).resolve()}: train one with "
+                        "`python train.py`, or pass --out_dir=DIR or --checkpoint=PATH")
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), load_tokenizer(state["tokenizer"])
 
 
 def main(argv):
-    cfg = config.load(argv)
+    cfg = config.load(argv, __doc__, READS)
     if cfg["temperature"] < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more, not {cfg['temperature']}")
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:

@@ -37,10 +37,12 @@ from tokenizer import build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 
+READS = ("data", "model", "training", "evaluation and progress", "checkpoints", "every command")  # for --help
+
 
 def settings(argv):
     """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
-    cfg = config.load(argv)
+    cfg = config.load(argv, __doc__, READS)
     positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
                 "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
                 "keep_checkpoints", "tokenizer_stories", "holdout_every"]
@@ -166,7 +168,10 @@ def main(argv):
 def start(cfg, world_size, out_dir):
     """(path, state, tokenizer): the newest checkpoint in out_dir and its tokenizer, or, for a
     fresh run, (None, None, a tokenizer built from the first training stories)."""
-    found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
+    if cfg["eval_only"] and cfg["checkpoint"]:
+        found = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
+    else:
+        found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
     if found:
         path, state = found
         checkpoint.check_resumable(state, path, cfg, world_size)

@@ -50,3 +50,23 @@ def test_a_key_without_a_value_is_refused():
 def test_a_positional_argument_is_refused():
     with pytest.raises(UserError, match="--key=value"):
         config.load(["500"])
+
+
+def test_every_setting_has_a_group_and_a_comment_in_config_py():
+    documented = {name: note for settings in config.documented().values() for name, note in settings}
+    assert set(documented) == {k for k in vars(config) if k.isupper()}
+    assert all(note.strip() for note in documented.values())
+
+
+@pytest.mark.parametrize("script, flag", [("train.py", "--help"), ("sample.py", "-h"), ("bench.py", "--help")])
+def test_help_lists_the_settings_a_command_reads_with_their_defaults_and_exits_0(script, flag):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(config.__file__).parent
+    done = subprocess.run([sys.executable, script, flag], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    assert f"--device={config.DEVICE}" in done.stdout  # every one of them reads the device
+    assert f"--prompt={config.PROMPT}" in done.stdout if script == "sample.py" else "--prompt" not in done.stdout
+    if script == "train.py":  # each with config.py's own comment on it
+        assert f"--max_steps={config.MAX_STEPS}" in done.stdout and "optimizer steps in all" in done.stdout

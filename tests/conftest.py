@@ -1,5 +1,5 @@
 """Shared fixtures: a small generated TinyStories-like dataset in the hub's layout, written to a
-temporary folder, so the tests need neither the network nor ../shared."""
+temporary folder, so the tests need neither the network nor anything beside the repository."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The default dataset, roneneldan/TinyStories streamed from the hub, end to end. The hub is a small
+"""The full dataset, roneneldan/TinyStories streamed from the hub, end to end. The hub is a small
 server on loopback (hub_server.py) serving a generated dataset under that name, and HF_ENDPOINT
 points datasets at it, as it would at a mirror or a private hub."""
 
@@ -105,14 +105,14 @@ def quick_retries(monkeypatch):
 
 
 def run(out_dir, *extra):
-    train.main([f"--out_dir={out_dir}", *TINY, *extra])  # --dataset left at its default
+    train.main([f"--out_dir={out_dir}", "--dataset=roneneldan/TinyStories", *TINY, *extra])
 
 
 def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_default_dataset_trains_evaluates_and_checkpoints_through_the_hub(hub, tmp_path, capsys):
+def test_the_hub_dataset_trains_evaluates_and_checkpoints_through_the_hub(hub, tmp_path, capsys):
     run(tmp_path, "--max_steps=6", "--eval_interval=3")
     out = capsys.readouterr().out
     assert "step 6/6 | loss" in out and "step 6: val_loss" in out

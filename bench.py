@@ -33,7 +33,7 @@ from tokenizer import Tokenizer
 # The settings bench.py reads, for --help.
 READS = ("DATASET", "TOKENIZER_STORIES", *(key.upper() for key in MODEL_KEYS), "BATCH_SIZE", "MUON", "DEVICE")
 
-# The rows are a markdown table, named as the README's speed table names them.
+# The rows are a markdown table, named as docs/speed.md's speed table names them.
 HEADER = "| | this project | reference |\n|---|---|---|"
 
 

@@ -149,11 +149,12 @@ def evaluate(model, batches, device, autocast, tokenizer):
     return (total[0] / total[1]).item(), (total[0] / total[2]).item() / math.log(2)
 
 
-def sample(model, tokenizer, cfg, device, step):
-    """A short continuation of PROMPT, to watch a run learn: SAMPLE_CHARS tokens of top-k at TEMPERATURE,
-    drawn with a generator of its own seeded by the step, so the run's random numbers are untouched (the
-    same losses with samples as without) and a resumed run draws the samples the unbroken one did."""
-    context = ([EOS] + tokenizer.encode(cfg["prompt"]))[-model.config.block_size:]
+def sample(model, prompt, tokenizer, cfg, device, step):
+    """A short continuation of PROMPT (prompt: its ids), to watch a run learn: SAMPLE_CHARS tokens of top-k
+    at TEMPERATURE, drawn with a generator of its own seeded by the step, so the run's random numbers are
+    untouched (the same losses with samples as without) and a resumed run draws the samples the unbroken
+    one did."""
+    context = ([EOS] + prompt)[-model.config.block_size:]
     model.eval()
     out = model.generate(torch.tensor([context], device=device), cfg["sample_chars"], cfg["temperature"],
                          cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
@@ -289,6 +290,7 @@ def run(cfg, rank, world_size, device):
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     starts = stage_starts(cfg)
+    prompt = tokenizer.encode(cfg["prompt"]) if cfg["sample_interval"] else None  # once: unknowns counted once
     first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
     val_loss = val_bpc = saved = None
     try:
@@ -317,7 +319,7 @@ def run(cfg, rank, world_size, device):
                 log_step, log_time = step, time.time()
             if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
                 sampling_started = time.time()
-                text = sample(model, tokenizer, cfg, device, step)
+                text = sample(model, prompt, tokenizer, cfg, device, step)
                 print("sample: " + text.replace("\n", "\n        "))
                 metrics.log(step=step, sample=text)
                 log_time += time.time() - sampling_started  # nor is sampling

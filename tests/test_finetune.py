@@ -4,6 +4,9 @@ data's characters; the inputs it refuses; and samples while a run trains (SAMPLE
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from config import UserError
 from conftest import TINY, assert_resume_is_exact, progress_losses
 from model import GPT, GPTConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 FRENCH = "Q: Où habite Zoé ? R: Zoé habite à Genève, près du lac. Ça fête ses dîners là-bas."
 
 
@@ -132,6 +136,14 @@ def test_a_source_that_cannot_be_fine_tuned_is_refused_in_one_line_and_nothing_i
         run(stories_dir, out_dir, f"--init_from={path}", "--max_steps=2", *[given] * bool(given))
     assert "\n" not in str(error.value)
     assert os.listdir(out_dir) == [checkpoint.LOCK]
+
+
+def test_a_refused_source_is_one_line_on_stderr_and_exit_code_2(stories_dir, tmp_path):
+    done = subprocess.run([sys.executable, "train.py", f"--dataset={stories_dir}", f"--out_dir={tmp_path / 'out'}",
+                           f"--init_from={tmp_path / 'missing.pt'}", *TINY], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: --init_from=") and done.stderr.count("\n") == 1
 
 
 def test_init_from_beside_another_runs_checkpoint_is_refused_naming_both_and_the_flags(stories_dir, source,

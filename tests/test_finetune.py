@@ -102,10 +102,12 @@ def test_a_bpe_source_keeps_its_vocabulary_and_says_why(stories_dir, tmp_path, c
     assert state["tokenizer"] == checkpoint.load(source)["tokenizer"]
 
 
-def test_a_fine_tuning_run_resumes_exactly(stories_dir, source, tmp_path):
+def test_a_fine_tuning_run_resumes_exactly_and_samples_as_the_unbroken_run(stories_dir, source, tmp_path):
     args = [f"--init_from={source}", "--max_steps=16", "--checkpoint_interval=8", "--keep_checkpoints=5",
-            "--dropout=0.1"]
+            "--dropout=0.1", "--sample_interval=4", "--sample_chars=20"]
     assert_resume_is_exact(lambda out_dir, *extra: run(stories_dir, out_dir, *extra), tmp_path, args)
+    samples = [{r["step"]: r["sample"] for r in rows(tmp_path / d) if "sample" in r} for d in ("straight", "resumed")]
+    assert samples[1] == {step: text for step, text in samples[0].items() if step > 8} and len(samples[1]) == 2
 
 
 def damaged(source, tmp_path):

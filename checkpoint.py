@@ -145,7 +145,8 @@ def load(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated or corrupt") from e
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is another kind of file, "
+                        "or truncated or corrupt") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise UserError(f"checkpoint {path} has format {found}, this code reads format {FORMAT}: "
@@ -182,6 +183,23 @@ def load_newest(out_dir):
         raise UserError(f"no intact checkpoint in {out_dir}: start a fresh run with --resume=False "
                         "(or --out_dir=<new folder>)")
     return None
+
+
+def load_source(path):
+    """(path, state) of the checkpoint a fine-tuning run starts from (INIT_FROM): the file at path, or the
+    newest intact checkpoint of the run folder at path."""
+    if not Path(path).is_dir():
+        if not Path(path).is_file():
+            raise UserError(f"--init_from={path} is neither a checkpoint file nor a run folder: check the path")
+        return path, load(path)
+    try:
+        found = load_newest(path)
+    except UserError:
+        raise UserError(f"--init_from={path} holds no intact checkpoint: name another file or folder") from None
+    if not found:
+        raise UserError(f"--init_from={path} is a folder without checkpoints: name a checkpoint file, or a run's "
+                        "--out_dir")
+    return found
 
 
 def lock(out_dir):
@@ -234,6 +252,21 @@ def check_resumable(state, path, cfg, world_size):
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
+
+
+def inherit(cfg, state, path):
+    """Fill in the model's shape and tokenizer settings that cfg leaves to a checkpoint (None) from state,
+    the checkpoint at path, which a fine-tuning run starts from or continues; refuse one given that differs."""
+    kind = state["tokenizer"].get("kind", "char")
+    saved = {**{key: state["model_args"].get(key, getattr(GPTConfig, key)) for key in MODEL_KEYS},
+             "tokenizer": kind, "vocab_size": state["config"].get("vocab_size")}
+    for key, value in saved.items():
+        if cfg[key] is None or (key == "vocab_size" and kind == "char"):  # VOCAB_SIZE counts only for BPE
+            cfg[key] = value
+        elif cfg[key] != value:
+            why = ("byte-level BPE covers every text already, so its vocabulary does not grow" if key == "vocab_size"
+                   else "a fine-tuned model keeps the shape and tokenizer of the one it starts from")
+            raise UserError(f"--{key}={cfg[key]} disagrees with {key}={value} of {path}: {why}; leave --{key} out")
 
 
 def tokenizer_args(kind, vocab_size):

@@ -55,6 +55,8 @@ LOG_INTERVAL = 50  # print a progress line and append to metrics.jsonl every thi
 EVAL_INTERVAL = 500  # validation loss every this many steps, and at the end
 EVAL_CHARS = 500_000  # validation characters: the whole split up to this (0: no limit), else a sample across it
 WANDB_PROJECT = ""  # also log metrics.jsonl's rows and the settings to this Weights & Biases project; empty: off
+SAMPLE_INTERVAL = 0  # print a short sample from PROMPT (TOP_K, TEMPERATURE) every this many steps, and log it; 0: off
+SAMPLE_CHARS = 200  # tokens in each such sample (characters, with the char tokenizer)
 EVAL_ONLY = False  # evaluate CHECKPOINT, or the newest in OUT_DIR, on the whole validation split (unless --eval_chars)
 
 # --- checkpoints ---
@@ -62,6 +64,10 @@ OUT_DIR = "checkpoints"  # checkpoints and metrics.jsonl go here
 CHECKPOINT_INTERVAL = 500  # save every this many steps, and at the end
 KEEP_CHECKPOINTS = 2  # the newest this many checkpoints are kept
 RESUME = True  # continue from the newest checkpoint in OUT_DIR; False starts fresh and replaces them
+# fine-tune: a fresh run (its own optimizer, schedule, data stream, step 0) from this checkpoint's weights, a file
+# or a run folder (its newest intact checkpoint); the model's shape and tokenizer are the checkpoint's, with the
+# data's characters its vocabulary lacks added. Empty: random weights
+INIT_FROM = ""
 CHECKPOINT = ""  # a checkpoint file to sample or --eval_only; empty takes the newest in OUT_DIR
 
 # --- sampling ---

@@ -200,6 +200,7 @@ class Batches:
         self.size = (batch_size, block_size + 1)
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
+        self.rewound = False  # at the start of an epoch, which ds.state_dict() says only once a row is read
         self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
         self.epoch, self.story, self.epoch_ids = 0, 0, 0
 
@@ -236,7 +237,9 @@ class Batches:
             self.rows, self.rest, self.story, self.epoch_ids = None, "", 0, 0
             self.epoch += 1
             self.ds.load_state_dict(self.start)
+            self.rewound = True
             return
+        self.rewound = False
         text = row_text(row, self.lines)
         self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
 
@@ -278,7 +281,7 @@ class Batches:
             self.rows.close()
 
     def state_dict(self):
-        return {"dataset": self.ds.state_dict(), "shards": self.ds.num_shards, "buffer": list(self.buffer),
+        return {"dataset": self.start if self.rewound else self.ds.state_dict(), "shards": self.ds.num_shards, "buffer": list(self.buffer),
                 "queue": list(self.queue), "rest": self.rest, "open": self.open, "epoch": self.epoch,
                 "story": self.story, "epoch_ids": self.epoch_ids}
 

@@ -407,6 +407,15 @@ class GPT(nn.Module):
         return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
+def grow_vocabulary(weights, model):
+    """weights, a state_dict of a model like model with fewer ids (or as many), for model to load: the
+    token embedding and the head keep their rows for the old ids and take those of the new ids from
+    model's own initialisation, as a fresh model has them; every other weight is unchanged."""
+    own = model.state_dict()
+    return {name: torch.cat([w, own[name][len(w):]]) if name in ("transformer.wte.weight", "lm_head.weight") else w
+            for name, w in weights.items()}
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iteration in float32 rather than bfloat16. A CPU
     without bfloat16 matrix instructions (AVX2 only, as some of this project's machines are) computes

@@ -2,7 +2,9 @@
 
 The character tokenizer has one id per character seen in the first stories of the training data,
 plus an end-of-story token and an unknown-character token. Ids are the characters sorted by code
-point, so the same characters give the same ids on every run and machine.
+point, so the same characters give the same ids on every run and machine. A vocabulary grown for
+fine-tuning (Tokenizer.grown) appends the new characters after the old ones instead, so that every
+old id keeps its meaning, and the embedding's and head's rows their use.
 
 The BPE tokenizer is a byte-level BPE of VOCAB_SIZE ids trained with Hugging Face's `tokenizers`
 on the same first stories: every text is some sequence of its ids, so nothing is unknown. Its
@@ -41,14 +43,14 @@ class Tokenizer:
     kind, unit = "char", "char"  # unit: what one id, a position of the model, is called
 
     def __init__(self, chars):
-        self.chars = "".join(sorted(set(chars)))
+        self.chars = "".join(dict.fromkeys(chars))  # in the order given: a grown vocabulary is not sorted
         self.stoi = {c: i + len(SPECIAL) for i, c in enumerate(self.chars)}
         self.itos = list(SPECIAL) + list(self.chars)
         self.unknown = {}  # character -> how often it was encoded as UNK
 
     @classmethod
     def from_texts(cls, texts):
-        return cls(set().union(*map(set, texts)))
+        return cls(sorted(set().union(*map(set, texts))))
 
     @classmethod
     def from_state_dict(cls, state):
@@ -56,6 +58,10 @@ class Tokenizer:
 
     def state_dict(self):
         return {"kind": "char", "chars": self.chars}
+
+    def grown(self, texts):
+        """This vocabulary with the characters of texts that it lacks appended, in code point order."""
+        return Tokenizer(self.chars + "".join(sorted(set().union(*map(set, texts)) - set(self.chars))))
 
     @property
     def vocab_size(self):

@@ -31,13 +31,14 @@ import config
 import data
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import (GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device,
-                   rank_device)
-from tokenizer import build_tokenizer, load_tokenizer
+from model import (GPT, GPTConfig, autocast_for, compute_dtype, grow_vocabulary, make_deterministic, matmul_rate,
+                   pick_device, rank_device)
+from tokenizer import EOS, build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 
-READS = ("data", "model", "training", "evaluation and progress", "checkpoints", "every command")  # for --help
+READS = ("data", "model", "training", "evaluation and progress", "checkpoints", "PROMPT", "TEMPERATURE", "TOP_K",
+         "every command")  # for --help
 
 
 def settings(argv):
@@ -49,7 +50,8 @@ def settings(argv):
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, not {cfg[key]}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
+                "temperature", "top_k"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must not be negative, not {cfg[key]}")
     if not 0 <= cfg["cooldown"] <= 1:
@@ -86,6 +88,10 @@ def settings(argv):
         if os.environ.get("RANK", "0") == "0":
             print(f"note: warmup of {cfg['warmup_steps']} steps, a tenth of the {shortest}-step {what} "
                   f"(WARMUP_STEPS={config.WARMUP_STEPS} is longer than it; --warmup_steps sets it)")
+    if cfg["init_from"] and not cfg["eval_only"]:  # left to the checkpoint (checkpoint.inherit), unless given
+        for key in (*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"):
+            if key not in named:
+                cfg[key] = None
     return cfg
 
 
@@ -143,6 +149,19 @@ def evaluate(model, batches, device, autocast, tokenizer):
     return (total[0] / total[1]).item(), (total[0] / total[2]).item() / math.log(2)
 
 
+def sample(model, prompt, tokenizer, cfg, device, step):
+    """A short continuation of PROMPT (prompt: its ids), to watch a run learn: SAMPLE_CHARS tokens of top-k
+    at TEMPERATURE, drawn with a generator of its own seeded by the step, so the run's random numbers are
+    untouched (the same losses with samples as without) and a resumed run draws the samples the unbroken
+    one did."""
+    context = ([EOS] + prompt)[-model.config.block_size:]
+    model.eval()
+    out = model.generate(torch.tensor([context], device=device), cfg["sample_chars"], cfg["temperature"],
+                         cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
+    model.train()
+    return cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -166,25 +185,54 @@ def main(argv):
 
 
 def start(cfg, world_size, out_dir):
-    """(path, state, tokenizer): the newest checkpoint in out_dir and its tokenizer, or, for a
-    fresh run, (None, None, a tokenizer built from the first training stories)."""
+    """(path, state, tokenizer, source): the newest checkpoint in out_dir and its tokenizer; or, for a
+    fresh run, (None, None, a tokenizer built from the first training stories, None); or, for a fresh
+    run from INIT_FROM, source is (path, state) of that checkpoint, and the tokenizer is its own, with the
+    characters of the first training stories that it lacks added."""
     if cfg["eval_only"] and cfg["checkpoint"]:
         found = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
     else:
         found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
+    if found and cfg["init_from"] and not cfg["eval_only"]:
+        # Only a run started from the same INIT_FROM goes on: anything else is ambiguous.
+        started_from = found[1]["config"].get("init_from")
+        if not started_from or Path(started_from).resolve() != Path(cfg["init_from"]).resolve():
+            raise UserError(f"{found[0]} is a run of its own, and --init_from={cfg['init_from']} asks for a new one: "
+                            f"pass --resume=False to start afresh from {cfg['init_from']} (removing the checkpoints "
+                            f"in {out_dir}), or drop --init_from to resume {found[0]}")
+        checkpoint.inherit(cfg, found[1], found[0])
     if found:
         path, state = found
         checkpoint.check_resumable(state, path, cfg, world_size)
-        return path, state, load_tokenizer(state["tokenizer"])
+        return path, state, load_tokenizer(state["tokenizer"]), None
     if cfg["eval_only"]:
         raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
+    source = checkpoint.load_source(cfg["init_from"]) if cfg["init_from"] else None
+    if source:
+        checkpoint.inherit(cfg, source[1], source[0])
     texts = data.vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"])
-    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"])
+    if source:
+        return None, None, grown_tokenizer(*source, texts), source
+    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"]), None
+
+
+def grown_tokenizer(path, state, texts):
+    """The tokenizer of the checkpoint state at path, with the characters of texts that it lacks added (a
+    BPE tokenizer as it is: it covers every text); the run says which."""
+    tokenizer = load_tokenizer(state["tokenizer"])
+    if tokenizer.kind == "bpe":
+        print(f"vocabulary: the {tokenizer.vocab_size} BPE ids of {path}, as byte-level BPE covers every text")
+        return tokenizer
+    grown = tokenizer.grown(texts)
+    added = grown.chars[len(tokenizer.chars):]
+    print(f"vocabulary: {len(added)} characters of the data added to the {tokenizer.vocab_size} ids of {path}"
+          f"{f': {added!r}' if added else ''}")
+    return grown
 
 
 def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
-    path, state, tokenizer = start(cfg, world_size, out_dir)
+    path, state, tokenizer, source = start(cfg, world_size, out_dir)
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, dropout=cfg["dropout"],
                           **{key: cfg[key] for key in checkpoint.MODEL_KEYS})).to(device)
@@ -207,6 +255,9 @@ def run(cfg, rank, world_size, device):
     optimizer = new_optimizer()
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
     step = 0
+    if source:
+        model.load_state_dict(grow_vocabulary(source[1]["model"], model))
+        print(f"fine-tuning {source[0]}, trained {source[1]['step']} steps: its weights, a fresh optimizer and schedule")
     if state:
         step = checkpoint.restore(state, rank, model, optimizer, batches, device)
         print(f"resuming from {path} at step {step} (--resume=False starts afresh)")
@@ -239,6 +290,7 @@ def run(cfg, rank, world_size, device):
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     starts = stage_starts(cfg)
+    prompt = tokenizer.encode(cfg["prompt"]) if cfg["sample_interval"] else None  # once: unknowns counted once
     first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
     val_loss = val_bpc = saved = None
     try:
@@ -265,6 +317,12 @@ def run(cfg, rank, world_size, device):
                     metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
                                 elapsed_s=now - started)
                 log_step, log_time = step, time.time()
+            if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
+                sampling_started = time.time()
+                text = sample(model, prompt, tokenizer, cfg, device, step)
+                print("sample: " + text.replace("\n", "\n        "))
+                metrics.log(step=step, sample=text)
+                log_time += time.time() - sampling_started  # nor is sampling
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
                 val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)

@@ -85,6 +85,20 @@ def test_a_resume_across_an_epoch_boundary_continues_the_stream(tmp_path):
     assert ids == (stream(stories, tok) * 10)[:len(ids)]
 
 
+def test_a_position_saved_between_the_end_of_the_data_and_the_next_row_resumes_at_the_next_epoch(tmp_path):
+    text = "Q: Where does Zoe live? A: In Geneva, by the lake."  # one row: every other batch ends an epoch
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    tok = Tokenizer.from_texts([text])
+    for stop in range(1, 6):
+        first = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=32, lines=True)
+        ids = windows(first, stop)
+        resumed = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=32, lines=True)
+        resumed.load_state_dict(first.state_dict())
+        ids += windows(resumed, 3)
+        assert ids == (stream([text], tok) * 10)[:len(ids)], f"resumed after {stop} batches"
+
+
 def test_a_txt_file_is_one_story_without_separators(tmp_path):
     text = "Once upon a time there was a frog.\n\nThe frog was green.\n"
     path = tmp_path / "one.txt"

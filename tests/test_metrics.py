@@ -61,7 +61,7 @@ def train_with_wandb(dataset, out_dir, wandb_dir, *extra):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     proc = subprocess.run([sys.executable, "train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY,
                            "--log_interval=2", "--eval_interval=3", "--checkpoint_interval=3",
-                           "--wandb_project=tinystories-test", *extra],
+                           "--sample_interval=5", "--sample_chars=10", "--wandb_project=tinystories-test", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -84,6 +84,7 @@ def test_wandb_logs_what_metrics_jsonl_holds_and_a_resume_continues_the_same_run
     for row in rows:
         expected.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
     assert logged == expected  # every row of metrics.jsonl, at its step, and nothing else
+    assert logged[5]["sample"] and logged[10]["sample"]  # the samples too
     assert max(first) == 6 and min(second) > 6
 
 

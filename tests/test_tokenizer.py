@@ -33,6 +33,14 @@ def test_the_vocabulary_survives_its_state_dict():
     assert again.itos == tok.itos and again.encode("text é") == tok.encode("text é")
 
 
+def test_a_grown_vocabulary_keeps_every_old_id_and_survives_its_state_dict():
+    old = Tokenizer.from_texts(["the lake"])
+    grown = old.grown(["près du lac"])
+    assert grown.encode("the lake") == old.encode("the lake")
+    assert grown.chars == old.chars + "cdprsuè"
+    assert Tokenizer.from_state_dict(grown.state_dict()).itos == grown.itos  # not sorted again on resume
+
+
 def test_characters_outside_the_vocabulary_become_unknown_and_are_counted():
     tok = Tokenizer.from_texts(["abc"])
     assert tok.encode("axxb") == [2, UNK, UNK, 3]

@@ -9,8 +9,8 @@ saves a checkpoint and exits; the same command then continues exactly where it s
 
 The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation,
 checkpoint state), then the run itself: start or resume, the loop, the final report.
-The data pipeline is data.py, the model model.py, the checkpoint files checkpoint.py, the
-metrics file and loss picture metrics.py.
+The data pipeline is data.py, the model model.py, its optimizers optim.py, the device device.py,
+the checkpoint files checkpoint.py, the metrics file and loss picture metrics.py.
 """
 
 import bisect
@@ -29,10 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import config
 import data
+import optim
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import (GPT, GPTConfig, autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device,
-                   rank_device)
+from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device, rank_device
+from model import GPT, GPTConfig
 from tokenizer import build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -196,8 +197,8 @@ def run(cfg, rank, world_size, device):
         return
 
     def new_optimizer():
-        return model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type,
-                               cfg["muon"])
+        return optim.optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                               device.type, cfg["muon"])
 
     optimizer = new_optimizer()
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)

@@ -125,17 +125,17 @@ def stage_starts(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast, tokenizer):
+def evaluate(model, batches, counts, device, autocast):
     """(validation loss in nats per token, in bits per character): the loss summed over every token of
     the validation text (of every rank's share of it, under torchrun), over its tokens, and over the
-    characters they stand for, / ln 2. With the char tokenizer a token is a character."""
+    characters they stand for, / ln 2. counts: the (tokens, characters) of batches' targets, which
+    run counts once. With the char tokenizer a token is a character."""
     model.eval()
-    total = torch.zeros(3, device=device)  # summed loss, tokens, characters
+    total = torch.tensor([0.0, *counts], device=device)  # summed loss, tokens, characters
     for x, y in batches:
         with autocast:
             loss = model(x.to(device), y.to(device))[1].float()
-        n, chars = data.target_counts(y, tokenizer)
-        total += torch.stack([loss * n, torch.tensor(n, device=device), torch.tensor(chars, device=device)])
+        total[0] += loss * int((y != data.PAD).sum())  # the batch's mean loss back to its sum
     model.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -186,13 +186,14 @@ def run(cfg, rank, world_size, device):
                           **{key: cfg[key] for key in checkpoint.MODEL_KEYS})).to(device)
     autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
-    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, tokenizer) for _, y in val_batches)))
+    char_lengths = torch.tensor(tokenizer.char_lengths)
+    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in val_batches)))
     unit = tokenizer.unit
     print(f"validation: {about}, {val_chars:,} characters{f' in {val_tokens:,} tokens' * (unit == 'token')}"
           f"{' on this rank' if world_size > 1 else ''}")
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
-        val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+        val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
         print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_chars} val_tokens={val_tokens}")
         return
 
@@ -245,7 +246,8 @@ def run(cfg, rank, world_size, device):
                 optimizer = new_optimizer()
                 print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
             lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
-            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer)
+            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step,
+                                   char_lengths)
             step += 1
 
             if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
@@ -263,7 +265,7 @@ def run(cfg, rank, world_size, device):
                 log_step, log_time = step, time.time()
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
-                val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+                val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
                 print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
                 if metrics:
                     metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
@@ -295,7 +297,7 @@ def run(cfg, rank, world_size, device):
     plot_losses(out_dir, chars_per_step)
 
 
-def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer):
+def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths):
     """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss, in nats
     per token and in bits per character. A loss that is not finite stops the run before the update, so no
     bad weights are ever saved."""
@@ -305,7 +307,7 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
     loss, counts = 0.0, [0, 0]  # tokens, characters
     for micro in range(accum):
         x, y = next(batches)
-        counts = [a + b for a, b in zip(counts, data.target_counts(y, tokenizer))]
+        counts = [a + b for a, b in zip(counts, data.target_counts(y, char_lengths))]
         if distributed:  # average the gradients across ranks once, after the last micro-batch
             train_model.require_backward_grad_sync = micro == accum - 1
         with autocast:

@@ -23,9 +23,9 @@ class Muon(torch.optim.Muon):
     Otherwise torch's step (Nesterov momentum, decoupled weight decay, match_rms_adamw scaling) and
     torch's state, so checkpoints of either load into the other."""
 
-    # The loop is a copy of torch's (torch/optim/_muon.py, up to 2.13 at least): its private
-    # _zeropower_via_newtonschulz casts to bfloat16 itself and takes no dtype, and Muon offers no
-    # parameter or hook for it; replacing that private function would change every Muon in the process.
+    # The loop is a copy of torch's (torch/optim/_muon.py, as of 2.13): its private
+    # _zeropower_via_newtonschulz casts to bfloat16 itself, and no argument of Muon's nor an optimizer
+    # hook reaches that cast; replacing the private function would change every Muon in the process.
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:

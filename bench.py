@@ -23,9 +23,12 @@ import torch
 from torch.nn import functional as F
 
 import config
+import optim
 from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
-from model import GPT, GPTConfig, autocast_for, compute_dtype, matmul_rate, pick_device
+from device import autocast_for, compute_dtype, matmul_rate, pick_device
+from generate import generate
+from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 
@@ -71,7 +74,7 @@ def best_of(repeats, fn):
 def train_rate(model, cfg, device, steps=10):
     """Training characters/s: forward (in train.py's dtype), backward, clipping and the optimizers
     (Muon and AdamW, or AdamW alone with --muon=False), as train.py does them."""
-    optimizer = model.optimizer(1e-3, 0.1, (0.9, 0.99), device.type, cfg["muon"])
+    optimizer = optim.optimizer(model, 1e-3, 0.1, (0.9, 0.99), device.type, cfg["muon"])
     x = torch.randint(0, model.config.vocab_size, (cfg["batch_size"], cfg["block_size"]), device=device)
 
     def run():
@@ -96,7 +99,7 @@ def sample_rate(model, n, batch=1, use_cache=True, threads=1):
     gen = torch.Generator().manual_seed(0)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    seconds = best_of(3, lambda: model.generate(idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
+    seconds = best_of(3, lambda: generate(model, idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
     torch.set_num_threads(default_threads)
     return batch * n / seconds
 

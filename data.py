@@ -305,11 +305,12 @@ class Batches:
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
 
 
-def target_counts(y, tokenizer):
+def target_counts(y, char_lengths):
     """(tokens, characters) among the targets y: padding is neither, and each token counts the
-    characters it stands for (tokenizer.char_lengths), so losses can be given per character."""
+    characters it stands for (char_lengths, the tokenizer's char_lengths as a tensor, made once by
+    the caller), so losses can be given per character."""
     real = y[y != PAD]
-    return real.numel(), int(torch.tensor(tokenizer.char_lengths)[real].sum())
+    return real.numel(), int(char_lengths[real].sum())
 
 
 def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):

@@ -9,8 +9,8 @@ saves a checkpoint and exits; the same command then continues exactly where it s
 
 The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation,
 checkpoint state), then the run itself: start or resume, the loop, the final report.
-The data pipeline is data.py, the model model.py, the checkpoint files checkpoint.py, the
-metrics file and loss picture metrics.py.
+The data pipeline is data.py, the model model.py, its optimizers optim.py, the device device.py,
+the checkpoint files checkpoint.py, the metrics file and loss picture metrics.py.
 """
 
 import bisect
@@ -29,10 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import config
 import data
+import optim
 from metrics import Metrics, plot_losses
 from config import UserError
-from model import (GPT, GPTConfig, autocast_for, compute_dtype, grow_vocabulary, make_deterministic, matmul_rate,
-                   pick_device, rank_device)
+from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device, rank_device
+from generate import generate
+from model import GPT, GPTConfig, grow_vocabulary
 from tokenizer import EOS, build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -132,17 +134,17 @@ def stage_starts(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast, tokenizer):
+def evaluate(model, batches, counts, device, autocast):
     """(validation loss in nats per token, in bits per character): the loss summed over every token of
     the validation text (of every rank's share of it, under torchrun), over its tokens, and over the
-    characters they stand for, / ln 2. With the char tokenizer a token is a character."""
+    characters they stand for, / ln 2. counts: the (tokens, characters) of batches' targets, which
+    run counts once. With the char tokenizer a token is a character."""
     model.eval()
-    total = torch.zeros(3, device=device)  # summed loss, tokens, characters
+    total = torch.tensor([0.0, *counts], device=device)  # summed loss, tokens, characters
     for x, y in batches:
         with autocast:
             loss = model(x.to(device), y.to(device))[1].float()
-        n, chars = data.target_counts(y, tokenizer)
-        total += torch.stack([loss * n, torch.tensor(n, device=device), torch.tensor(chars, device=device)])
+        total[0] += loss * int((y != data.PAD).sum())  # the batch's mean loss back to its sum
     model.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -156,8 +158,8 @@ def sample(model, prompt, tokenizer, cfg, device, step):
     one did."""
     context = ([EOS] + prompt)[-model.config.block_size:]
     model.eval()
-    out = model.generate(torch.tensor([context], device=device), cfg["sample_chars"], cfg["temperature"],
-                         cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
+    out = generate(model, torch.tensor([context], device=device), cfg["sample_chars"], cfg["temperature"],
+                   cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
     model.train()
     return cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
 
@@ -238,19 +240,20 @@ def run(cfg, rank, world_size, device):
                           **{key: cfg[key] for key in checkpoint.MODEL_KEYS})).to(device)
     autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
-    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, tokenizer) for _, y in val_batches)))
+    char_lengths = torch.tensor(tokenizer.char_lengths)
+    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in val_batches)))
     unit = tokenizer.unit
     print(f"validation: {about}, {val_chars:,} characters{f' in {val_tokens:,} tokens' * (unit == 'token')}"
           f"{' on this rank' if world_size > 1 else ''}")
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
-        val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+        val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
         print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_chars} val_tokens={val_tokens}")
         return
 
     def new_optimizer():
-        return model.optimizer(cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device.type,
-                               cfg["muon"])
+        return optim.optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                               device.type, cfg["muon"])
 
     optimizer = new_optimizer()
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
@@ -301,7 +304,8 @@ def run(cfg, rank, world_size, device):
                 optimizer = new_optimizer()
                 print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
             lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
-            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer)
+            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step,
+                                   char_lengths)
             step += 1
 
             if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
@@ -325,7 +329,7 @@ def run(cfg, rank, world_size, device):
                 log_time += time.time() - sampling_started  # nor is sampling
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 eval_started = time.time()
-                val_loss, val_bpc = evaluate(model, val_batches, device, autocast, tokenizer)
+                val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
                 print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
                 if metrics:
                     metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
@@ -357,7 +361,7 @@ def run(cfg, rank, world_size, device):
     plot_losses(out_dir, chars_per_step)
 
 
-def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, tokenizer):
+def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths):
     """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss, in nats
     per token and in bits per character. A loss that is not finite stops the run before the update, so no
     bad weights are ever saved."""
@@ -367,7 +371,7 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
     loss, counts = 0.0, [0, 0]  # tokens, characters
     for micro in range(accum):
         x, y = next(batches)
-        counts = [a + b for a, b in zip(counts, data.target_counts(y, tokenizer))]
+        counts = [a + b for a, b in zip(counts, data.target_counts(y, char_lengths))]
         if distributed:  # average the gradients across ranks once, after the last micro-batch
             train_model.require_backward_grad_sync = micro == accum - 1
         with autocast:

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 import data  # noqa: E402
+import optim  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import build_tokenizer  # noqa: E402
 
@@ -48,7 +49,7 @@ def trainer(overrides, batch_size=64, block_size=128, muon=False, dataset=None):
     on the next batch of its training split, in the tokens of a tokenizer built from it."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{"vocab_size": VOCAB, "block_size": block_size, **overrides}))
-    optimizer = model.optimizer(3e-3, 0.1, (0.9, 0.99), "cpu", muon)
+    optimizer = optim.optimizer(model, 3e-3, 0.1, (0.9, 0.99), "cpu", muon)
     inputs = torch.randint(0, model.config.vocab_size, (batch_size, block_size))
     batches = None
     if dataset:

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from generate import decode, new_cache  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from speed import VOCAB, trainer  # noqa: E402
 
@@ -23,17 +24,17 @@ def decode_cost(n_embd, steps=2000):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_embd=n_embd)).eval()
     w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = model.new_cache(1, torch.empty(0))
+    cache = new_cache(model, 1, torch.empty(0))
     idx = torch.tensor([[3]])
     with torch.inference_mode():
         for _ in range(200):
-            model.decode(w, idx, 64, cache)
+            decode(model, w, idx, 64, cache)
         start = time.perf_counter()
         for _ in range(steps):
-            model.decode(w, idx, 64, cache)
+            decode(model, w, idx, 64, cache)
         seconds = (time.perf_counter() - start) / steps
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model.decode(w, idx, 64, cache)
+            decode(model, w, idx, 64, cache)
     top_level = [e for e in prof.events() if e.cpu_parent is None]
     return seconds * 1e6, len(top_level)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import GPT, GPTConfig  # noqa: E402
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Zoé", "Tim"]
 ANIMALS = ["cat", "dog", "bird", "frog", "bear", "fish"]
@@ -84,3 +85,9 @@ def assert_resume_is_exact(train_run, tmp_path, args, stop_at=8, end=16):
     a, b = (checkpoint.load(d / f"ckpt_{end:08d}.pt") for d in (straight, resumed))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     return a, b
+
+
+def small_model(block_size=16, seed=0, **switches):
+    """A two-block GPT of 16 channels over 20 ids, in eval mode, seeded."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=20, block_size=block_size, n_layer=2, n_head=2, n_embd=16, **switches)).eval()

@@ -18,7 +18,7 @@ import data
 import train
 from config import UserError
 from conftest import TINY, make_stories
-from model import rank_device
+from device import rank_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = [*TINY, "--max_steps=8", "--checkpoint_interval=4", "--keep_checkpoints=5", "--eval_interval=4",

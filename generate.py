@@ -1,0 +1,219 @@
+"""Decoding: continue a prompt with a GPT of model.py, one character at a time, greedy or sampled.
+
+decode is GPT.forward written again over plain weight tensors, with a key/value cache: each new
+character costs one position's work, not the whole context's. A change to the network in model.py
+goes into decode too; tests/test_generate.py holds the two to the same logits for every switch.
+On CUDA a step and its draw are replayed as one CUDA graph (static_step). generate slides the
+context past block_size and stops each row at the end of its story.
+"""
+
+import torch
+from torch.nn import functional as F
+
+from model import shifted
+
+# generate looks for the end of a story every this many characters: each look waits for the device.
+EOS_CHECK = 32
+
+
+def new_cache(model, batch, like):
+    """An empty key/value cache for decode, zeros of like's dtype and device: (n_layer, batch, n_head,
+    slots, block_size, head_dim), the slots keys and values, and with token_shift also the unshifted
+    embedding and sublayer inputs."""
+    c = model.config
+    return like.new_zeros(c.n_layer, batch, c.n_head, 5 if c.token_shift else 2, c.block_size, c.n_embd // c.n_head)
+
+
+def decode(model, w, idx, start, cache):
+    """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
+    start + T - 1, after the keys and values in cache (from new_cache); theirs are written there.
+    Either start is 0 (a prompt) or T is 1 (one character). start is an int, or a one-element
+    tensor (T is then 1): a CUDA graph replays the same kernels at every step, so the position
+    has to be data, not a slice bound; the step then writes the cache with index_copy_ and
+    attends over the whole block, masked past start.
+
+    The same computation as GPT.forward and its blocks in model.py, written as plain tensor
+    operations over w, the weights as plain tensors by state_dict name: a change there is made here
+    too. At one character per step every operation is tiny, so its fixed cost is what counts, and
+    an nn.Module call or an nn.Parameter argument costs about as much again.
+    tests/test_generate.py holds the two to the same output, for every switch.
+    """
+    c = model.config
+    B, T = idx.shape
+    sliced = isinstance(start, int)  # the cheaper form on the CPU: slices, and only the context so far
+    x = w["transformer.wte.weight"][idx]
+    if not c.rope:
+        x = x + (w["transformer.wpe.weight"].narrow(0, start, T) if sliced
+                 else w["transformer.wpe.weight"].index_select(0, start))
+    mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
+    heads = (B, T, c.n_head, -1)  # a position's channels as n_head heads
+    x = mix(x, w.get("shift"), cache, 0, 2, start, heads)
+    for i, block in enumerate(model.transformer.h):
+        p = f"transformer.h.{i}."
+        h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+        h = mix(h, w.get(p + "shift_1"), cache, i, 3, start, heads)
+        qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
+        qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
+        if c.rope:
+            qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
+        # narrow and select rather than [...] indexing, which costs microseconds per slice
+        kv = cache[i].narrow(2, 0, 2)
+        if sliced:
+            kv.narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
+            keys, values = kv.narrow(3, 0, start + T).unbind(2)
+        else:
+            keys, values = kv.index_copy_(3, start, qkv.narrow(2, 1, 2)).unbind(2)
+        y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
+        y = y.transpose(1, 2).reshape(B, T, c.n_embd)
+        x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
+        h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+        h = mix(h, w.get(p + "shift_2"), cache, i, 4, start, heads)
+        h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
+        if c.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    x = F.layer_norm(x.select(1, -1), (c.n_embd,), w["transformer.ln_f.weight"], w["transformer.ln_f.bias"])
+    return F.linear(x, w["lm_head.weight"])
+
+
+def mix(h, share, cache, i, slot, start, heads):
+    """token_shift's h + share * (the previous position's h), for h (B, T, n_embd) at positions start
+    .. start + T - 1 as in decode, heads its shape split into heads; h itself without token_shift
+    (share None). The slot of layer i's cache keeps each position's h after its keys and values, for
+    the characters of later calls."""
+    if share is None:
+        return h
+    sliced = isinstance(start, int)
+    kept = cache[i].select(2, slot)  # (B, n_head, block_size, head_dim)
+    if sliced and start == 0:  # a prompt
+        before = shifted(h)
+    else:  # one character, whose predecessor the cache holds
+        prev = kept.narrow(2, start - 1, 1) if sliced else kept.index_select(2, (start - 1).clamp(min=0))
+        before = prev.transpose(1, 2).flatten(2)
+    here = h.view(*heads).transpose(1, 2)  # unpacked: view reads ints faster than a tuple
+    if sliced:
+        kept.narrow(2, start, heads[1]).copy_(here)
+    else:
+        kept.index_copy_(2, start, here)
+    return h + share * before
+
+
+def static_step(model, w, cache, temperature, top_k, generator, batch):
+    """step(token, pos) -> the next ids (B, 1): decode token (B, 1) at pos and draw what follows,
+    through tensors allocated once (the token, the position, the random draws). On CUDA the step
+    is captured once as a CUDA graph and replayed: one launch instead of some 40 kernels, and no
+    wait for the host. Elsewhere the same step runs eagerly (tests/test_generate.py runs it so).
+
+    Call it before the prompt is decoded: capturing runs the step once, which writes the cache
+    at position 0 until the prompt overwrites it."""
+    device, vocab = cache.device, model.config.vocab_size
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    noise = torch.ones(batch, min(top_k, vocab) if top_k else vocab, device=device)  # Exp(1) draws for pick
+
+    def body():
+        token.copy_(pick(decode(model, w, token, pos, cache), temperature, top_k, noise=noise))
+        pos.add_(1)  # the next step's position, so a step in sequence needs no copy from the host
+
+    run = body
+    if device.type == "cuda":
+        side = torch.cuda.Stream()  # warm up on a side stream before capturing, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        run = graph.replay
+    last = [None]  # what the previous step returned: the graph's state already follows it
+
+    def step(given, at):
+        if given is not last[0]:  # after the prompt or a rebuilt cache
+            token.copy_(given)
+            pos.fill_(at)
+        if temperature:
+            noise.exponential_(generator=generator)  # drawn outside the graph, so any generator serves
+        run()
+        last[0] = token.clone()
+        return last[0]
+
+    return step
+
+
+@torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
+             generator=None, use_cache=True, graph=None):
+    """Continue each row of idx (B, T) by up to max_new_tokens; returns one list of new ids per row.
+
+    temperature 0 is greedy decoding; top_k > 0 samples among the k likeliest only. A row stops at
+    eos_id (looked for every EOS_CHECK characters, so the device need not wait for the host each
+    character; what a row drew past its end is trimmed). Past block_size the context slides: with
+    the key/value cache, when it is full it is rebuilt from the last block_size // 2 characters, so
+    every step sees at least that many and the cost per character stays flat; without it
+    (use_cache=False, the slow reference) every step reruns forward over the last block_size
+    characters. graph: decode one character through static_step, by default on CUDA (a CUDA
+    graph); elsewhere True runs the same step eagerly.
+    """
+    c, device = model.config, idx.device
+    T, B = c.block_size, idx.size(0)
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    # Zeros, not empty: the static step attends over the whole block, and a NaN left in memory
+    # would reach the output through its zero attention weight.
+    cache = new_cache(model, B, w["lm_head.weight"])
+    draw_on = torch.device("cpu") if device.type == "mps" else device  # see pick
+    if generator is not None and generator.device != draw_on:  # one for the device, seeded from it
+        generator = torch.Generator(draw_on).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+    if not use_cache:
+        graph = False
+    if graph is None:
+        graph = device.type == "cuda"
+    step = (static_step(model, w, cache, temperature, top_k, generator, B) if graph else
+            lambda token, at: pick(decode(model, w, token, at, cache), temperature, top_k, generator))
+    context = idx[:, -T:]
+    logits = decode(model, w, context, 0, cache) if use_cache else model(context)[0]
+    pos = context.size(1)  # positions the cache holds
+    new = []  # the new ids, (B, 1) each, left on the device
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # the rows that have drawn eos_id
+    for n in range(max_new_tokens):
+        if n == 0:
+            token = pick(logits, temperature, top_k, generator)
+        elif not use_cache:
+            token = pick(model(torch.cat([context, *new[-T:]], 1)[:, -T:])[0], temperature, top_k, generator)
+        elif pos == T:  # the cache is full: it starts again from the last T // 2 characters
+            pos = T // 2
+            recent = torch.cat([context, *new[-pos:]], 1)[:, -pos:]
+            token = pick(decode(model, w, recent, 0, cache), temperature, top_k, generator)
+        else:
+            token = step(token, pos)
+            pos += 1
+        new.append(token)
+        if eos_id is not None and len(new) % EOS_CHECK == 0:
+            done |= (torch.cat(new[-EOS_CHECK:], 1) == eos_id).any(1)
+            if done.all():  # the one wait for the device in EOS_CHECK characters
+                break
+    rows = torch.cat(new, 1).tolist() if new else [[] for _ in range(B)]
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def pick(logits, temperature, top_k, generator=None, noise=None):
+    """The next id for each row of logits (B, vocab), as a (B, 1) tensor on logits' device. noise, if
+    given, holds the Exp(1) draws to use (B, top_k or vocab), so that a CUDA graph can take them in."""
+    device, logits = logits.device, logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if device.type == "mps":  # sampling ops on MPS have returned out-of-range indices: drawn on the CPU
+        return pick(logits.cpu(), temperature, top_k, generator).to(device)
+    if top_k:
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
+    # The largest p_i / e_i, with each e_i drawn from Exp(1), is i with probability p_i:
+    # torch.multinomial's distribution at a third of its cost for one row, and no wait for the host.
+    probs = F.softmax(logits / temperature, dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    choice = probs.div_(noise).argmax(dim=-1, keepdim=True)
+    return ids.gather(1, choice) if top_k else choice
+

@@ -80,6 +80,7 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wan
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
         "wandb_id": wandb_id,
+        "threads": torch.get_num_threads(),  # a product splits its sum by them: on the CPU the numbers do too
     }
 
 
@@ -93,6 +94,11 @@ def restore(state, rank, model, optimizer, batches, device):
     random.setstate(rng["python"])
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+    threads = state.get("threads", torch.get_num_threads())  # older checkpoints do not say
+    if device.type == "cpu" and threads != torch.get_num_threads():
+        print(f"note: the checkpoint was written on {threads} CPU thread{'s' * (threads > 1)}, this run has "
+              f"{torch.get_num_threads()}: it goes on, but not bit for bit as it would with OMP_NUM_THREADS={threads}",
+              file=sys.stderr)
     return state["step"]
 
 

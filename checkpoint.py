@@ -127,11 +127,12 @@ def save(state, out_dir, keep):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        if os.name != "nt":  # make the rename itself durable (Windows cannot open a folder to flush it)
+            dir_fd = os.open(out_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         found = paths(out_dir)

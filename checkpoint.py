@@ -9,7 +9,6 @@ checksum of all of them: torch.load alone does not notice a damaged byte inside 
 
 import bisect
 import errno
-import fcntl
 import hashlib
 import os
 import random
@@ -17,6 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import filelock
 import torch
 import torch.distributed as dist
 
@@ -25,7 +25,7 @@ from model import GPTConfig
 
 FORMAT = 1  # raised whenever the layout of a checkpoint changes
 PATTERN = "ckpt_*.pt"
-LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its process id
+LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its process id from byte 1 on
 # What to do about a checkpoint that could not be written, by the error number: only a full disk
 # is cured by freeing space.
 FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within the disk quota",
@@ -80,6 +80,7 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wan
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
         "wandb_id": wandb_id,
+        "threads": torch.get_num_threads(),  # a product splits its sum by them: on the CPU the numbers do too
     }
 
 
@@ -93,6 +94,11 @@ def restore(state, rank, model, optimizer, batches, device):
     random.setstate(rng["python"])
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+    threads = state.get("threads", torch.get_num_threads())  # older checkpoints do not say
+    if device.type == "cpu" and threads != torch.get_num_threads():
+        print(f"note: the checkpoint was written on {threads} CPU thread{'s' * (threads > 1)}, this run has "
+              f"{torch.get_num_threads()}: it goes on, but not bit for bit as it would with OMP_NUM_THREADS={threads}",
+              file=sys.stderr)
     return state["step"]
 
 
@@ -121,11 +127,12 @@ def save(state, out_dir, keep):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        if os.name != "nt":  # make the rename itself durable (Windows cannot open a folder to flush it)
+            dir_fd = os.open(out_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         found = paths(out_dir)
@@ -204,8 +211,9 @@ def load_source(path):
 
 def lock(out_dir):
     """Claim out_dir for this training run, or refuse, naming the run that holds it; the open lock file,
-    which holds the claim until it is closed or the process ends, however it ends (an OS lock: a
-    killed run leaves nothing to clean up). Only this is done to the folder before the claim."""
+    which holds the claim until it is closed or the process ends, however it ends (an OS lock: flock on
+    Linux and macOS, LockFileEx on Windows, so a killed run leaves nothing to clean up). Only this is
+    done to the folder before the claim."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / LOCK, "a+")  # not "w": that would erase the holder's process id
@@ -213,16 +221,14 @@ def lock(out_dir):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
         raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}): choose a writable folder") from e
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
+    if not filelock.lock_descriptor(f.fileno(), blocking=False):
+        f.seek(1)  # Windows's lock is on byte 0, which no other process may then read
         holder = f.read().strip() or "unknown"
         f.close()
         raise UserError(f"--out_dir={out_dir} is in use by another training run (process {holder}): wait for it "
-                        "to finish or stop it, or pass --out_dir=<another folder>") from None
+                        "to finish or stop it, or pass --out_dir=<another folder>")
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
+    f.write(f"\n{os.getpid()}\n")
     f.flush()
     return f
 

@@ -22,6 +22,13 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+# Before torch loads OpenMP and MKL, which read these once: a fixed number of threads for every matrix
+# product. Asked to be dynamic, OpenMP gives a product fewer threads when the machine's 15-minute load
+# is high, and a product whose sum is split across threads rounds differently: the same run, or a
+# resumed one, would then not be the same bit for bit. Set, not defaulted: an inherited TRUE does that.
+os.environ["OMP_DYNAMIC"] = "FALSE"
+os.environ["MKL_DYNAMIC"] = "FALSE"
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -18,7 +18,7 @@ import data
 import sample
 import train
 from config import UserError
-from conftest import TINY
+from conftest import TINY, progress_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,24 +42,56 @@ def damage(path, how):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def test_sigkill_at_random_moments_never_stops_a_run_from_resuming(stories_dir, tmp_path):
-    args = train_args(stories_dir, tmp_path / "killed", "--max_steps=40", "--checkpoint_interval=1",
-                      "--eval_interval=1000")
-    train.main(train_args(stories_dir, tmp_path / "straight", "--max_steps=40", "--eval_interval=1000"))
-    rng = random.Random(0)
-    for attempt in range(4):
-        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:  # kill it a random while after its first step, often mid-save
-            if line.startswith("step "):
-                time.sleep(rng.uniform(0, 0.5))
-                break
+def paused_train(save_pause, step_pause, *args):
+    """train.py with args, started, its stdout and stderr one pipe: see paused_train.py. Its output
+    is buffered as a user's pipe would buffer it, whatever PYTHONUNBUFFERED the tests run with."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.Popen([sys.executable, "tests/paused_train.py", str(save_pause), str(step_pause), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def read_until(proc, start):
+    """What proc printed up to and including its first line that starts with start."""
+    printed = []
+    for line in proc.stdout:
+        printed.append(line)
+        if line.startswith(start):
+            break
+    return "".join(printed)
+
+
+def test_sigkill_at_any_moment_also_mid_save_never_stops_a_run_from_resuming(stories_dir, tmp_path):
+    out_dir = tmp_path / "killed"
+    extra = ["--max_steps=30", "--eval_interval=1000", "--dropout=0.1"]  # dropout: the RNG must resume too
+    args = train_args(stories_dir, out_dir, *extra, "--checkpoint_interval=5")
+    train.main(train_args(stories_dir, tmp_path / "straight", *extra))
+    rng, pause = random.Random(0), 0.3
+    # Each run is killed at a line it prints, a while later: in the pause halfway through writing a
+    # checkpoint (0), on either side of that pause's end, or between steps; runs start afresh, and resume.
+    kills = [("test: saving step 5", 0), ("step 2/", 0), ("test: saving step 10", rng.uniform(0, 2 * pause)),
+             ("step 17/", rng.uniform(0, 0.05)), ("test: saving step 25", 0)]
+    for start, wait in kills:
+        newest = checkpoint.paths(out_dir)[0] if checkpoint.paths(out_dir) else None
+        proc = paused_train(pause, 0.01, *args)
+        printed = read_until(proc, start)
+        time.sleep(wait)
         proc.kill()
-        proc.wait()
+        printed += proc.communicate()[0]
+        assert proc.returncode == -signal.SIGKILL, printed  # all five were alive when killed: none had finished
+        assert ("resuming from" in printed) == bool(newest)
+        if newest:
+            assert f"resuming from {newest} at step {checkpoint.load(newest)['step']}" in printed
+        if wait == 0 and start.startswith("test: saving"):  # killed mid-save: the half-written file is all it left
+            step = int(start.split()[-1])
+            assert (out_dir / f"ckpt_{step:08d}.tmp").exists() and not (out_dir / f"ckpt_{step:08d}.pt").exists()
     finished = script("train.py", *args)
     assert finished.returncode == 0, finished.stderr
-    assert "resuming from" in finished.stdout
+    assert "resuming from" in finished.stdout and not list(out_dir.glob("*.tmp"))
+    straight = progress_losses(tmp_path / "straight")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == straight[r["step"]] for r in rows if "loss" in r)  # every step retrained as it was
     a, b = (checkpoint.load(checkpoint.paths(tmp_path / d)[0]) for d in ("straight", "killed"))
-    assert a["step"] == b["step"] == 40
+    assert a["step"] == b["step"] == 30
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -77,23 +109,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0_saying_how_to_resume(stories_dir,
     assert checkpoint.load(checkpoint.paths(tmp_path)[0])["step"] == stopped
 
 
-def test_a_second_ctrl_c_quits_at_once(stories_dir, tmp_path, monkeypatch):
-    real_next, calls, before = data.Batches.__next__, [], signal.getsignal(signal.SIGINT)
-
-    def next_batch(self):  # two Ctrl-Cs in a row, in the middle of a training step
-        # Counted once train.py's handler is in place: the validation text is read before it, and a
-        # process started in the background inherits SIGINT ignored, so a Ctrl-C then would be lost.
-        if signal.getsignal(signal.SIGINT) is not before:
-            calls.append(1)
-            if len(calls) == 3:
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGINT)
-        return real_next(self)
-
-    monkeypatch.setattr(data.Batches, "__next__", next_batch)
-    with pytest.raises(KeyboardInterrupt):  # train.py's __main__ turns it into exit code 130
-        train.main(train_args(stories_dir, tmp_path, "--max_steps=100000"))
-    assert not checkpoint.paths(tmp_path)  # it did not wait to save
+def test_a_second_ctrl_c_quits_at_once_with_exit_code_130(stories_dir, tmp_path):
+    proc = paused_train(60, 0, *train_args(stories_dir, tmp_path, "--max_steps=100000"))
+    printed = read_until(proc, "step 3/")
+    proc.send_signal(signal.SIGINT)
+    printed += read_until(proc, "test: saving step")  # the checkpoint the first Ctrl-C asked for
+    proc.send_signal(signal.SIGINT)
+    printed += proc.communicate(timeout=30)[0]  # not the minute the save would have taken
+    assert proc.returncode == 130, printed
+    assert "Ctrl-C again quits at once" in printed and not checkpoint.paths(tmp_path)
 
 
 def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
@@ -105,6 +129,27 @@ def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
             break
     proc.communicate(timeout=120)
     assert proc.returncode == 0 and checkpoint.paths(tmp_path)
+
+
+def test_a_run_stopped_by_sigterm_then_ctrl_c_trains_as_an_uninterrupted_run(stories_dir, tmp_path):
+    extra = ["--max_steps=30", "--eval_interval=1000", "--checkpoint_interval=1000", "--dropout=0.1"]
+    train.main(train_args(stories_dir, tmp_path / "straight", *extra))
+    stopped_at = []
+    for signum, at in ((signal.SIGTERM, 5), (signal.SIGINT, 15)):
+        proc = paused_train(0, 0.02, *train_args(stories_dir, tmp_path / "stopped", *extra))
+        printed = read_until(proc, f"step {at}/")
+        proc.send_signal(signum)
+        printed += proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, printed
+        stopped_at.append(int(printed.split("stopped at step ")[1].split(",")[0]))
+    train.main(train_args(stories_dir, tmp_path / "stopped", *extra))
+    assert 5 <= stopped_at[0] < 15 <= stopped_at[1] < 30  # each signal stopped the run it was sent to
+    rows = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))  # each step once: none lost, none redone
+    assert progress_losses(tmp_path / "stopped") == progress_losses(tmp_path / "straight")  # bit for bit
+    a, b = (checkpoint.load(checkpoint.paths(tmp_path / d)[0]) for d in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 30
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -191,8 +192,11 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(stories
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(UserError, match="No space left on device.*ckpt_00000002.pt.*intact"):
+    with pytest.raises(UserError) as error:
         train.main(train_args(stories_dir, tmp_path, "--max_steps=4"))
+    assert str(error.value) == (f"could not write {tmp_path / 'ckpt_00000004.pt'} (No space left on device): free "
+                                f"some space, then run the same command to resume from {tmp_path / 'ckpt_00000002.pt'}"
+                                ", which is intact")
     assert [p.name for p in tmp_path.iterdir() if "ckpt" in p.name] == ["ckpt_00000002.pt"]
     assert checkpoint.load(tmp_path / "ckpt_00000002.pt")["step"] == 2
 
@@ -212,11 +216,16 @@ def test_a_failed_save_names_its_cause_and_suggests_freeing_space_only_for_a_ful
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(stories_dir, tmp_path):
-    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+.*Lower --learning_rate"):
+    with pytest.raises(UserError) as error:
         train.main(train_args(stories_dir, tmp_path, "--max_steps=50", "--checkpoint_interval=1",
                               "--learning_rate=1e12", "--grad_clip=0"))
-    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    newest = checkpoint.paths(tmp_path)[0]  # a checkpoint every step: the one of the step before the bad one
+    state = checkpoint.load(newest)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert max(progress_losses(tmp_path)) == state["step"]  # the bad step was neither logged nor saved
+    assert re.fullmatch(f"the loss became (nan|inf) at step {state['step'] + 1}, so training stopped; the last good "
+                        f"checkpoint is {re.escape(str(newest))}. Lower --learning_rate \\(now 1000000000000.0\\) and "
+                        "run again to resume from it", str(error.value))
 
 
 def test_an_unwritable_out_dir_is_refused_before_training(stories_dir, tmp_path):

@@ -428,6 +428,7 @@ def check_replicas(model):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a pipe (tee, a log, a test) as printed
     try:
         main(sys.argv[1:])
     except UserError as e:

@@ -88,7 +88,8 @@ def test_a_two_process_run_resumes_exactly(two_process_run, stories_dir, tmp_pat
 
 def test_resuming_with_another_number_of_processes_is_refused(two_process_run, stories_dir, tmp_path):
     shutil.copy(checkpoint.paths(two_process_run[0])[0], tmp_path)
-    with pytest.raises(UserError, match="written by a run of 2 processes, this one has 1"):
+    with pytest.raises(UserError, match=r"written by a run of 2 processes, this one has 1: resume it with as many "
+                                        r"\(torchrun --nproc_per_node=2 \.\.\.\) so every data stream goes on"):
         train.main([f"--dataset={stories_dir}", f"--out_dir={tmp_path}", *ARGS, "--max_steps=12"])
 
 

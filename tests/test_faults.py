@@ -4,9 +4,12 @@ import errno
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import data
 import sample
 import train
 from config import UserError
-from conftest import TINY
+from conftest import TINY, progress_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,24 +45,56 @@ def damage(path, how):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def test_sigkill_at_random_moments_never_stops_a_run_from_resuming(stories_dir, tmp_path):
-    args = train_args(stories_dir, tmp_path / "killed", "--max_steps=40", "--checkpoint_interval=1",
-                      "--eval_interval=1000")
-    train.main(train_args(stories_dir, tmp_path / "straight", "--max_steps=40", "--eval_interval=1000"))
-    rng = random.Random(0)
-    for attempt in range(4):
-        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:  # kill it a random while after its first step, often mid-save
-            if line.startswith("step "):
-                time.sleep(rng.uniform(0, 0.5))
-                break
+def paused_train(save_pause, step_pause, *args):
+    """train.py with args, started, its stdout and stderr one pipe: see paused_train.py. Its output
+    is buffered as a user's pipe would buffer it, whatever PYTHONUNBUFFERED the tests run with."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.Popen([sys.executable, "tests/paused_train.py", str(save_pause), str(step_pause), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def read_until(proc, start):
+    """What proc printed up to and including its first line that starts with start."""
+    printed = []
+    for line in proc.stdout:
+        printed.append(line)
+        if line.startswith(start):
+            break
+    return "".join(printed)
+
+
+def test_sigkill_at_any_moment_also_mid_save_never_stops_a_run_from_resuming(stories_dir, tmp_path):
+    out_dir = tmp_path / "killed"
+    extra = ["--max_steps=30", "--eval_interval=1000", "--dropout=0.1"]  # dropout: the RNG must resume too
+    args = train_args(stories_dir, out_dir, *extra, "--checkpoint_interval=5")
+    train.main(train_args(stories_dir, tmp_path / "straight", *extra))
+    rng, pause = random.Random(0), 0.5
+    # Each run is killed at a line it prints, a while later: in the pause halfway through writing a
+    # checkpoint (0), on either side of that pause's end, or between steps. The first two start afresh.
+    kills = [("test: saving step 5", 0), ("test: saving step 10", rng.uniform(0, 2 * pause)),
+             ("step 17/", rng.uniform(0, 0.05)), ("test: saving step 25", 0)]
+    for start, wait in kills:
+        newest = checkpoint.paths(out_dir)[0] if checkpoint.paths(out_dir) else None
+        proc = paused_train(pause, 0.01, *args)
+        printed = read_until(proc, start)
+        time.sleep(wait)
         proc.kill()
-        proc.wait()
+        printed += proc.communicate()[0]
+        assert proc.returncode == -signal.SIGKILL, printed  # all four were alive when killed: none had finished
+        assert ("resuming from" in printed) == bool(newest)
+        if newest:
+            assert f"resuming from {newest} at step {checkpoint.load(newest)['step']}" in printed
+        if wait == 0 and start.startswith("test: saving"):  # killed mid-save: the half-written file is all it left
+            step = int(start.split()[-1])
+            assert (out_dir / f"ckpt_{step:08d}.tmp").exists() and not (out_dir / f"ckpt_{step:08d}.pt").exists()
     finished = script("train.py", *args)
     assert finished.returncode == 0, finished.stderr
-    assert "resuming from" in finished.stdout
+    assert "resuming from" in finished.stdout and not list(out_dir.glob("*.tmp"))
+    straight = progress_losses(tmp_path / "straight")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == straight[r["step"]] for r in rows if "loss" in r)  # every step retrained as it was
     a, b = (checkpoint.load(checkpoint.paths(tmp_path / d)[0]) for d in ("straight", "killed"))
-    assert a["step"] == b["step"] == 40
+    assert a["step"] == b["step"] == 30
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -77,23 +112,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0_saying_how_to_resume(stories_dir,
     assert checkpoint.load(checkpoint.paths(tmp_path)[0])["step"] == stopped
 
 
-def test_a_second_ctrl_c_quits_at_once(stories_dir, tmp_path, monkeypatch):
-    real_next, calls, before = data.Batches.__next__, [], signal.getsignal(signal.SIGINT)
-
-    def next_batch(self):  # two Ctrl-Cs in a row, in the middle of a training step
-        # Counted once train.py's handler is in place: the validation text is read before it, and a
-        # process started in the background inherits SIGINT ignored, so a Ctrl-C then would be lost.
-        if signal.getsignal(signal.SIGINT) is not before:
-            calls.append(1)
-            if len(calls) == 3:
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGINT)
-        return real_next(self)
-
-    monkeypatch.setattr(data.Batches, "__next__", next_batch)
-    with pytest.raises(KeyboardInterrupt):  # train.py's __main__ turns it into exit code 130
-        train.main(train_args(stories_dir, tmp_path, "--max_steps=100000"))
-    assert not checkpoint.paths(tmp_path)  # it did not wait to save
+def test_a_second_ctrl_c_quits_at_once_with_exit_code_130(stories_dir, tmp_path):
+    proc = paused_train(60, 0, *train_args(stories_dir, tmp_path, "--max_steps=100000"))
+    printed = read_until(proc, "step 3/")
+    proc.send_signal(signal.SIGINT)
+    printed += read_until(proc, "test: saving step")  # the checkpoint the first Ctrl-C asked for
+    proc.send_signal(signal.SIGINT)
+    printed += proc.communicate(timeout=30)[0]  # not the minute the save would have taken
+    assert proc.returncode == 130, printed
+    assert "Ctrl-C again quits at once" in printed and not checkpoint.paths(tmp_path)
 
 
 def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
@@ -105,6 +132,27 @@ def test_sigterm_saves_a_checkpoint_too(stories_dir, tmp_path):
             break
     proc.communicate(timeout=120)
     assert proc.returncode == 0 and checkpoint.paths(tmp_path)
+
+
+def test_a_run_stopped_by_sigterm_then_ctrl_c_trains_as_an_uninterrupted_run(stories_dir, tmp_path):
+    extra = ["--max_steps=30", "--eval_interval=1000", "--checkpoint_interval=1000", "--dropout=0.1"]
+    train.main(train_args(stories_dir, tmp_path / "straight", *extra))
+    stopped_at = []
+    for signum, at in ((signal.SIGTERM, 5), (signal.SIGINT, 15)):
+        proc = paused_train(0, 0.05, *train_args(stories_dir, tmp_path / "stopped", *extra))
+        printed = read_until(proc, f"step {at}/")
+        proc.send_signal(signum)
+        printed += proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, printed
+        stopped_at.append(int(printed.split("stopped at step ")[1].split(",")[0]))
+    train.main(train_args(stories_dir, tmp_path / "stopped", *extra))
+    assert 5 <= stopped_at[0] < 15 <= stopped_at[1] < 30  # each signal stopped the run it was sent to
+    rows = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))  # each step once: none lost, none redone
+    assert progress_losses(tmp_path / "stopped") == progress_losses(tmp_path / "straight")  # bit for bit
+    a, b = (checkpoint.load(checkpoint.paths(tmp_path / d)[0]) for d in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 30
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
@@ -146,8 +194,11 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(stories
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(UserError, match="No space left on device.*ckpt_00000002.pt.*intact"):
+    with pytest.raises(UserError) as error:
         train.main(train_args(stories_dir, tmp_path, "--max_steps=4"))
+    assert str(error.value) == (f"could not write {tmp_path / 'ckpt_00000004.pt'} (No space left on device): free "
+                                f"some space, then run the same command to resume from {tmp_path / 'ckpt_00000002.pt'}"
+                                ", which is intact")
     assert [p.name for p in tmp_path.iterdir() if "ckpt" in p.name] == ["ckpt_00000002.pt"]
     assert checkpoint.load(tmp_path / "ckpt_00000002.pt")["step"] == 2
 
@@ -167,17 +218,62 @@ def test_a_failed_save_names_its_cause_and_suggests_freeing_space_only_for_a_ful
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(stories_dir, tmp_path):
-    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+.*Lower --learning_rate"):
+    with pytest.raises(UserError) as error:
         train.main(train_args(stories_dir, tmp_path, "--max_steps=50", "--checkpoint_interval=1",
                               "--learning_rate=1e12", "--grad_clip=0"))
-    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    newest = checkpoint.paths(tmp_path)[0]  # a checkpoint every step: the one of the step before the bad one
+    state = checkpoint.load(newest)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert max(progress_losses(tmp_path)) == state["step"]  # the bad step was neither logged nor saved
+    assert re.fullmatch(f"the loss became (nan|inf) at step {state['step'] + 1}, so training stopped; the last good "
+                        f"checkpoint is {re.escape(str(newest))}. Lower --learning_rate \\(now 1000000000000.0\\) and "
+                        "run again to resume from it", str(error.value))
 
 
 def test_an_unwritable_out_dir_is_refused_before_training(stories_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write to --out_dir"):
         train.main(train_args(stories_dir, tmp_path / "a_file" / "out", "--max_steps=2"))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a folder's permission bits are POSIX's")
+def test_a_folder_its_user_cannot_write_is_refused_though_an_earlier_runs_lock_file_is_writable(tmp_path):
+    command = [sys.executable, "train.py"]
+    base = tmp_path
+    if os.geteuid() == 0:  # root may write anywhere: run train.py as nobody, in a folder nobody can reach
+        import pwd
+        try:
+            user = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("the tests run as root, and there is no user nobody to run train.py as")
+        if not shutil.which("setpriv"):
+            pytest.skip("the tests run as root, and there is no setpriv to run train.py as nobody")
+        command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *command]
+        base = Path(tempfile.mkdtemp())  # pytest's temporary folders are root's alone
+        base.chmod(0o755)
+    out_dir = base / "out"
+    out_dir.mkdir()
+    (out_dir / checkpoint.LOCK).write_text("12345\n")
+    (out_dir / checkpoint.LOCK).chmod(0o666)
+    out_dir.chmod(0o555)
+    try:  # a dataset that does not exist: the run must refuse before it looks for one
+        result = subprocess.run([*command, f"--dataset={base / 'missing'}", f"--out_dir={out_dir}", *TINY],
+                                cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HOME": str(base)})
+    finally:
+        out_dir.chmod(0o755)
+        if base != tmp_path:
+            shutil.rmtree(base)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: cannot write to --out_dir={out_dir} (Permission denied): "
+                             "choose a writable folder\n")
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_before_it_reads_any_data(stories_dir, tmp_path, monkeypatch):
+    opened, open_split = [], data.open_split
+    monkeypatch.setattr(data, "open_split", lambda *args, **kw: opened.append(args) or open_split(*args, **kw))
+    with checkpoint.lock(tmp_path), pytest.raises(UserError, match="is in use by another training run"):
+        train.main(train_args(stories_dir, tmp_path, "--max_steps=2"))
+    assert not opened
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused_before_it_touches_anything(stories_dir, tmp_path):
@@ -279,21 +375,26 @@ def test_an_unknown_file_type_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def trained(stories_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train.main(train_args(stories_dir, out, "--max_steps=20"))
+    train.main(train_args(stories_dir, out, "--max_steps=40"))  # long enough to learn how a story starts
     return out
 
 
 def test_an_empty_prompt_starts_a_new_story(trained, capsys):
-    sample.main([f"--out_dir={trained}", "--device=cpu", "--prompt=", "--max_new_tokens=20", "--ignore_eos"])
-    assert len(capsys.readouterr().out) == 21
+    sample.main([f"--out_dir={trained}", "--device=cpu", "--prompt=", "--greedy", "--max_new_tokens=10", "--ignore_eos"])
+    assert capsys.readouterr().out.startswith("O")  # as every story it learned from: "Once upon a time"
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(trained, capsys):
-    prompt = "Once upon a time, " * 10  # 180 characters; block_size is 32
-    sample.main([f"--out_dir={trained}", "--device=cpu", f"--prompt={prompt}", "--max_new_tokens=5", "--ignore_eos"])
-    captured = capsys.readouterr()
-    assert "continues from the last 32 characters" in captured.err
-    assert captured.out.startswith(prompt) and len(captured.out) == len(prompt) + 6
+    end = "Lily liked to play in the park. "  # 32 characters: block_size
+    continuations = []
+    for start in ("Once upon a time, there was a little dog. " * 3, "Tom found a big kite. " * 6):
+        sample.main([f"--out_dir={trained}", "--device=cpu", f"--prompt={start + end}", "--greedy",
+                     "--max_new_tokens=20", "--ignore_eos"])
+        captured = capsys.readouterr()
+        assert "continues from the last 32 characters" in captured.err
+        assert captured.out.startswith(start + end) and len(captured.out) == len(start + end) + 21
+        continuations.append(captured.out[len(start + end):])
+    assert continuations[0] == continuations[1]  # what came before the last 32 characters is not read
 
 
 def test_temperature_zero_is_greedy(trained, capsys):

@@ -76,7 +76,13 @@ def test_no_checkpoint_says_where_it_looked_and_how_to_train(tmp_path, capsys):
         run(capsys, tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["--top_k=-1", "--top_k=1000", "--temperature=-0.5", "--num_samples=0"])
-def test_out_of_range_sampling_settings_are_refused(trained, capsys, bad):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("bad, message", [
+    ("--top_k=-1", "--top_k must be between 1 and the vocabulary size"),
+    ("--top_k=1000", "--top_k must be between 1 and the vocabulary size"),
+    ("--temperature=-0.5", r"--temperature must be 0 \(greedy\) or more, not -0.5"),
+    ("--num_samples=0", "--num_samples must be at least 1"),
+    ("--max_new_tokens=-1", "--max_new_tokens at least 0"),
+])
+def test_out_of_range_sampling_settings_are_refused(trained, capsys, bad, message):
+    with pytest.raises(UserError, match=message):
         run(capsys, trained, bad)

@@ -129,6 +129,22 @@ def test_a_dataset_without_validation_split_holds_out_training_stories(tmp_path,
     assert "every 20th training story is held out" in capsys.readouterr().out
 
 
+def test_training_skips_the_stories_held_out_to_validate_on(tmp_path, monkeypatch):
+    path = tmp_path / "stories.txt"  # no validation split; the 20th, 40th and 60th stories alone hold a '#'
+    path.write_text("\n<|endoftext|>\n".join(f"Story {i}{'#' * (i % 20 == 19)}." for i in range(60)))
+    marks, next_batch = [], data.Batches.__next__
+
+    def counting_marks(self):
+        x, y = next_batch(self)
+        if not self.once:  # a training batch, not the validation text's
+            marks.append(int((x == self.tokenizer.encode("#")[0]).sum()))
+        return x, y
+
+    monkeypatch.setattr(data.Batches, "__next__", counting_marks)
+    run(path, tmp_path / "out", "--max_steps=6")  # about two passes over the 60 stories
+    assert marks == [0] * 6
+
+
 def test_training_draws_the_loss_curve_when_matplotlib_is_installed(stories_dir, tmp_path):
     pytest.importorskip("matplotlib")
     run(stories_dir, tmp_path, "--max_steps=4", "--eval_interval=2")

@@ -187,6 +187,35 @@ def test_greedy_output_through_the_cuda_graph_equals_the_cpus_past_block_size():
     assert generate(model.to("cuda"), idx.to("cuda"), 40, temperature=0) == expected
 
 
+@cuda
+def test_the_cuda_graph_passes_its_check_even_under_bf16_autocast(capsys):
+    model = larger_weights(small_model(block_size=8)).to("cuda")
+    idx = torch.randint(0, 20, (2, 3), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate(model, idx, 20, temperature=0)
+    generate(model, idx, 20, temperature=1.0, top_k=5)
+    assert capsys.readouterr().err == ""  # no note: neither capture fell back to the eager step
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_greedy_output_through_the_cuda_graph_on_a_second_gpu_equals_the_cpus(capsys):
+    # Captured on the current device, cuda:0, the graph would record nothing of cuda:1's step.
+    model = larger_weights(small_model(block_size=8))
+    idx = torch.randint(0, 20, (2, 3))
+    expected = generate(model, idx, 40, temperature=0)
+    assert generate(model.to("cuda:1"), idx.to("cuda:1"), 40, temperature=0) == expected
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting, graph", [("True", None), ("False", False)])
+def test_sample_py_turns_the_cuda_graph_off_with_cuda_graph_false(monkeypatch, setting, graph):
+    import sample
+    given = {}
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: given.update(kwargs) or [[]])
+    sample.main([f"--checkpoint={sample.PRETRAINED}", "--device=cpu", f"--cuda_graph={setting}"])
+    assert given["graph"] is graph  # None: generate's default, the graph on CUDA
+
+
 def test_past_block_size_the_cache_restarts_from_the_last_half_of_the_context(monkeypatch):
     model = larger_weights(small_model(block_size=8))
     ids = torch.randint(0, 20, (1, 40))

@@ -34,10 +34,6 @@ def test_auto_takes_cuda_else_the_cpu_and_never_mps_on_its_own(monkeypatch, mps)
     assert pick_device("mps") == torch.device("mps")  # when asked for by name
 
 
-def test_each_torchrun_process_takes_the_gpu_of_its_local_rank():
-    assert rank_device("cuda", 1, 2, 2) == torch.device("cuda", 1)
-
-
 def test_torchrun_refuses_a_named_gpu_when_several_processes_share_the_machine():
     with pytest.raises(UserError, match="pass --device=cuda"):
         rank_device("cuda:1", 0, 2, 2)

@@ -135,7 +135,8 @@ def static_step(model, w, batch, temperature, top_k, capture=None):
                 print("note: the captured CUDA graph does not compute what its step does; "
                       "sampling runs the step without it", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 -- any failure to capture leaves the eager step, which is correct
-            print(f"note: capturing the CUDA graph failed ({type(e).__name__}: {e}); "
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # CUDA's errors run to several lines
+            print(f"note: capturing the CUDA graph failed ({type(e).__name__}: {first}); "
                   "sampling runs the step without it", file=sys.stderr)
     last = [None]  # what the previous step returned: the graph's state already follows it
 

@@ -21,7 +21,8 @@ def test_a_cuda_run_computes_in_bf16_only_on_its_own_device_of_compute_capabilit
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[torch.device(d).index])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert [compute_dtype(torch.device("cuda", i)) for i in range(3)] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    dtypes = [compute_dtype(torch.device("cuda", i)) for i in range(3)]
+    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("mps", [True, False])

@@ -20,9 +20,12 @@ def run(stories_dir, out_dir, *extra):
     train.main([f"--dataset={stories_dir}", f"--out_dir={out_dir}", *TINY, *extra])
 
 
+SWITCHES = [{}, {"rope": True}, {"token_shift": True}]
+
+
 @pytest.mark.mps
 @needs_mps
-@pytest.mark.parametrize("switches", [{}, {"rope": True}, {"token_shift": True}], ids=["default", "rope", "token_shift"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
 def test_decoding_on_mps_gives_the_logits_of_the_forward_pass(switches):
     model = small_model(**switches).to("mps")
     idx = torch.randint(0, 20, (2, 12), device="mps")

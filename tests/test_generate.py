@@ -82,7 +82,8 @@ def static_steps(capture, n=8):
 
 def test_a_capture_that_fails_leaves_the_eager_step_and_one_note(capsys):
     def failing(body, device):
-        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be reported later")
+        raise RuntimeError("operation not permitted when stream is capturing\n"
+                           "CUDA kernel errors might be asynchronously reported")  # CUDA's errors run on
 
     eager = static_steps(None)
     assert torch.equal(static_steps(failing), eager)

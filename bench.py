@@ -26,7 +26,7 @@ import config
 import optim
 from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
-from device import autocast_for, compute_dtype, matmul_rate, pick_device
+from device import autocast_for, compute_dtype, matmul_rate, pick_device, synchronize
 from generate import generate
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -85,8 +85,7 @@ def train_rate(model, cfg, device, steps=10):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     run()  # warm up
     return steps * x.numel() / best_of(3, run)

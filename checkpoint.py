@@ -78,7 +78,8 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wan
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "data": gather(batches.state_dict()),  # one per rank
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
-                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}),
+                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                       "mps": torch.mps.get_rng_state() if device.type == "mps" else None}),
         "wandb_id": wandb_id,
         "threads": torch.get_num_threads(),  # a product splits its sum by them: on the CPU the numbers do too
     }
@@ -94,6 +95,8 @@ def restore(state, rank, model, optimizer, batches, device):
     random.setstate(rng["python"])
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+    if rng.get("mps") is not None and device.type == "mps":  # older checkpoints have no "mps"
+        torch.mps.set_rng_state(rng["mps"])
     threads = state.get("threads", torch.get_num_threads())  # older checkpoints do not say
     if device.type == "cpu" and threads != torch.get_num_threads():
         print(f"note: the checkpoint was written on {threads} CPU thread{'s' * (threads > 1)}, this run has "

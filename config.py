@@ -43,7 +43,7 @@ BETA1 = 0.9  # AdamW first-moment decay
 BETA2 = 0.99  # AdamW second-moment decay
 GRAD_CLIP = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
 SEED = 1337  # seeds the weights, dropout and sampling
-DEVICE = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+DEVICE = "auto"  # auto (cuda, else cpu), cpu, cuda, cuda:1, mps (Apple silicon: only when named, not under torchrun)
 COMPILE = False  # torch.compile the model (CUDA and CPU; ignored on MPS)
 # Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8): on CUDA
 # two runs with the same seed then log the same loss at every step, at some cost in speed. CPU runs
@@ -78,6 +78,7 @@ GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
 TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
+CUDA_GRAPH = True  # on CUDA, replay each character's step as one captured CUDA graph; False: launch its kernels one by one
 
 # --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error

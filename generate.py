@@ -7,6 +7,8 @@ On CUDA a step and its draw are replayed as one CUDA graph (static_step). genera
 context past block_size and stops each row at the end of its story.
 """
 
+import sys
+
 import torch
 from torch.nn import functional as F
 
@@ -59,10 +61,10 @@ def decode(model, w, idx, start, cache):
         # narrow and select rather than [...] indexing, which costs microseconds per slice
         kv = cache[i].narrow(2, 0, 2)
         if sliced:
-            kv.narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))
+            kv.narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))  # copy_ casts to the cache's dtype
             keys, values = kv.narrow(3, 0, start + T).unbind(2)
-        else:
-            keys, values = kv.index_copy_(3, start, qkv.narrow(2, 1, 2)).unbind(2)
+        else:  # index_copy_ does not: under autocast qkv is bfloat16, the cache the weights' float32
+            keys, values = kv.index_copy_(3, start, qkv.narrow(2, 1, 2).to(kv.dtype)).unbind(2)
         y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
         y = y.transpose(1, 2).reshape(B, T, c.n_embd)
         x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
@@ -96,19 +98,24 @@ def mix(h, share, cache, i, slot, start, heads):
     here = h.view(*heads).transpose(1, 2)  # unpacked: view reads ints faster than a tuple
     if sliced:
         kept.narrow(2, start, heads[1]).copy_(here)
-    else:
-        kept.index_copy_(2, start, here)
+    else:  # cast as in decode: index_copy_ does not
+        kept.index_copy_(2, start, here.to(kept.dtype))
     return h + share * before
 
 
-def static_step(model, w, cache, temperature, top_k, generator, batch):
-    """step(token, pos) -> the next ids (B, 1): decode token (B, 1) at pos and draw what follows,
-    through tensors allocated once (the token, the position, the random draws). On CUDA the step
-    is captured once as a CUDA graph and replayed: one launch instead of some 40 kernels, and no
-    wait for the host. Elsewhere the same step runs eagerly (tests/test_generate.py runs it so).
+def static_step(model, w, batch, temperature, top_k, capture=None):
+    """(step, cache): step(token, pos, generator) -> the next ids (B, 1), decoding token (B, 1) at pos
+    and drawing what follows, through tensors allocated once (the token, the position, the random
+    draws and cache, a new_cache that goes with the step). capture(body, device) -> a replay of
+    body, as cuda_graph captures one: on CUDA one launch instead of some 40 kernels, and no wait
+    for the host. The capture is checked against body; where it fails or the check does, a note
+    says so and the step runs body eagerly, as it does with no capture (the CPU's tests run it so).
 
-    Call it before the prompt is decoded: capturing runs the step once, which writes the cache
-    at position 0 until the prompt overwrites it."""
+    Make it before the prompt is decoded: capturing runs the step, which writes the cache at
+    position 0 until the prompt overwrites it."""
+    # Zeros, not empty: the step attends over the whole block, and a NaN left in memory would
+    # reach the output through its zero attention weight.
+    cache = new_cache(model, batch, w["lm_head.weight"])
     device, vocab = cache.device, model.config.vocab_size
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -119,19 +126,21 @@ def static_step(model, w, cache, temperature, top_k, generator, batch):
         pos.add_(1)  # the next step's position, so a step in sequence needs no copy from the host
 
     run = body
-    if device.type == "cuda":
-        side = torch.cuda.Stream()  # warm up on a side stream before capturing, as torch.cuda.graph asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        run = graph.replay
+    if capture is not None:
+        try:
+            replay = capture(body, device)
+            if does_as_body(replay, body, (token, pos, cache)):
+                run = replay
+            else:
+                print("note: the captured CUDA graph does not compute what its step does; "
+                      "sampling runs the step without it", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 -- any failure to capture leaves the eager step, which is correct
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # CUDA's errors run to several lines
+            print(f"note: capturing the CUDA graph failed ({type(e).__name__}: {first}); "
+                  "sampling runs the step without it", file=sys.stderr)
     last = [None]  # what the previous step returned: the graph's state already follows it
 
-    def step(given, at):
+    def step(given, at, generator):
         if given is not last[0]:  # after the prompt or a rebuilt cache
             token.copy_(given)
             pos.fill_(at)
@@ -141,7 +150,54 @@ def static_step(model, w, cache, temperature, top_k, generator, batch):
         last[0] = token.clone()
         return last[0]
 
-    return step
+    return step, cache
+
+
+def cuda_graph(body, device):
+    """The replay of body captured as a CUDA graph on device. The capture and its side stream
+    belong to device, not to the current device: captured on another, the graph records none of
+    body's kernels and its replay changes nothing."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)  # warm up on a side stream before capturing, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            body()
+    return graph.replay
+
+
+def does_as_body(replay, body, state):
+    """Whether one replay changes the tensors of state as one run of body does (from the same
+    values; state is then put back)."""
+    before = [t.clone() for t in state]
+    replay()
+    replayed = [t.clone() for t in state]
+    for t, b in zip(state, before):
+        t.copy_(b)
+    body()
+    same = all(torch.allclose(r.double(), t.double()) for r, t in zip(replayed, state))
+    for t, b in zip(state, before):
+        t.copy_(b)
+    return same
+
+
+def reused_step(model, w, batch, temperature, top_k):
+    """static_step's (step, cache) for model's weights w, kept on the model and reused by later calls
+    for the same batch, temperature and top_k: a CUDA graph costs a capture, a wait for the device
+    and an emptied memory cache each time it is made. A step reads the weights where they lay when
+    it was made: changed in place (training between samples) it reads the new values; moved to
+    another device or replaced by other tensors, its steps are dropped and made again."""
+    where = tuple(t.data_ptr() for t in w.values())  # the weights' memory, on their device
+    steps = {key: kept for key, kept in getattr(model, "_static_steps", {}).items() if key[0] == where}
+    key = (where, batch, temperature, top_k)
+    if key not in steps:
+        device = w["lm_head.weight"].device
+        steps[key] = static_step(model, w, batch, temperature, top_k, cuda_graph if device.type == "cuda" else None)
+    model._static_steps = steps
+    return steps[key]
 
 
 @torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
@@ -161,9 +217,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
     c, device = model.config, idx.device
     T, B = c.block_size, idx.size(0)
     w = {name: t.detach() for name, t in model.state_dict().items()}
-    # Zeros, not empty: the static step attends over the whole block, and a NaN left in memory
-    # would reach the output through its zero attention weight.
-    cache = new_cache(model, B, w["lm_head.weight"])
     draw_on = torch.device("cpu") if device.type == "mps" else device  # see pick
     if generator is not None and generator.device != draw_on:  # one for the device, seeded from it
         generator = torch.Generator(draw_on).manual_seed(int(torch.randint(2**62, (), generator=generator)))
@@ -171,8 +224,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
         graph = False
     if graph is None:
         graph = device.type == "cuda"
-    step = (static_step(model, w, cache, temperature, top_k, generator, B) if graph else
-            lambda token, at: pick(decode(model, w, token, at, cache), temperature, top_k, generator))
+    if graph:
+        step, cache = reused_step(model, w, B, temperature, top_k)
+    else:
+        cache = new_cache(model, B, w["lm_head.weight"])
+
+        def step(token, at, generator):
+            return pick(decode(model, w, token, at, cache), temperature, top_k, generator)
     context = idx[:, -T:]
     logits = decode(model, w, context, 0, cache) if use_cache else model(context)[0]
     pos = context.size(1)  # positions the cache holds
@@ -188,7 +246,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
             recent = torch.cat([context, *new[-pos:]], 1)[:, -pos:]
             token = pick(decode(model, w, recent, 0, cache), temperature, top_k, generator)
         else:
-            token = step(token, pos)
+            token = step(token, pos, generator)
             pos += 1
         new.append(token)
         if eos_id is not None and len(new) % EOS_CHECK == 0:

@@ -6,7 +6,7 @@
 
 Loads --checkpoint=PATH, or the newest checkpoint in --out_dir (default checkpoints), or, where
 the default --out_dir holds none yet, the model shipped in pretrained/ (and says so). Runs on
-cuda, else mps, else cpu (--device to choose). The prompt and its continuation go to stdout
+cuda, else cpu (--device to choose; --device=mps on Apple silicon). The prompt and its continuation go to stdout
 and nothing else does; notes and warnings go to stderr. Every setting is in config.py under
 "sampling"; `python sample.py --help` lists them.
 """
@@ -81,7 +81,8 @@ def main(argv):
     generator = torch.Generator().manual_seed(cfg["seed"])
     idx = torch.tensor([context] * cfg["num_samples"], dtype=torch.long, device=device)
     outs = generate(model, idx, cfg["max_new_tokens"], temperature, cfg["top_k"],
-                    eos_id=None if cfg["ignore_eos"] else EOS, generator=generator)
+                    eos_id=None if cfg["ignore_eos"] else EOS, generator=generator,
+                    graph=None if cfg["cuda_graph"] else False)
     texts = [prompt + tokenizer.decode(out[:-1] if out and out[-1] == EOS and not cfg["ignore_eos"] else out)
              for out in outs]
     print("\n---\n".join(texts))

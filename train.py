@@ -181,7 +181,7 @@ def format_time(seconds):
 def main(argv):
     cfg = settings(argv)
     if cfg["deterministic"]:
-        make_deterministic()  # before setup_distributed, which starts CUDA
+        make_deterministic(cfg["device"])  # before setup_distributed, which starts CUDA
     rank, world_size, device = setup_distributed(cfg)
     try:
         # One run per OUT_DIR: a second would remove or overwrite this one's checkpoints and metrics. Rank 0

@@ -57,6 +57,10 @@ def stories_dir(tmp_path_factory):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mps: runs on Apple silicon's MPS device; skipped where there is none")
+
+
 # A model small enough that a training step takes milliseconds on a CPU, and on the CPU where a GPU
 # is visible too: the tests hold runs to the CPU's exactness, and torchrun's ranks to gloo.
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",

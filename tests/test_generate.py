@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import cuda, small_model
-from generate import EOS_CHECK, decode, generate, new_cache, pick
+import generate as generate_module
+from generate import EOS_CHECK, decode, generate, new_cache, pick, static_step
 
 
 def larger_weights(model):
@@ -49,6 +50,113 @@ def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(swit
             torch.testing.assert_close(logits, model(idx[:, :t])[0])
 
 
+def test_decoding_at_a_position_tensor_under_bf16_autocast_casts_into_the_float32_cache():
+    # A run's autocast makes the keys and values bfloat16; index_copy_ does not cast as copy_ does.
+    model = larger_weights(small_model(token_shift=True))
+    idx = torch.randint(0, 20, (2, 6))
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    caches = [new_cache(model, 2, torch.empty(0)) for _ in range(2)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for cache in caches:
+            decode(model, w, idx[:, :5], 0, cache)
+        at_tensor = decode(model, w, idx[:, 5:], torch.tensor([5]), caches[0])
+        sliced = decode(model, w, idx[:, 5:], 5, caches[1])
+    assert caches[0].dtype == torch.float32
+    torch.testing.assert_close(at_tensor, sliced)
+
+
+def static_steps(capture, n=8):
+    """The ids (2, n) a greedy static step made with capture draws after a four-character prompt."""
+    model = larger_weights(small_model())
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    step, cache = static_step(model, w, 2, 0.0, 0, capture)
+    with torch.no_grad():
+        token = pick(decode(model, w, torch.randint(0, 20, (2, 4), generator=torch.Generator().manual_seed(0)),
+                            0, cache), 0, 0)
+        ids = []
+        for at in range(4, 4 + n):
+            token = step(token, at, None)
+            ids.append(token)
+    return torch.cat(ids, 1)
+
+
+def test_a_capture_that_fails_leaves_the_eager_step_and_one_note(capsys):
+    def failing(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing\n"
+                           "CUDA kernel errors might be asynchronously reported")  # CUDA's errors run on
+
+    eager = static_steps(None)
+    assert torch.equal(static_steps(failing), eager)
+    note = capsys.readouterr().err.splitlines()
+    assert len(note) == 1 and "capturing the CUDA graph failed" in note[0] and "not permitted" in note[0]
+
+
+def test_a_capture_that_records_nothing_is_caught_by_its_check(capsys):
+    # A graph captured on another device than its tensors' replays nothing: each step would
+    # return the previous one's token.
+    eager = static_steps(None)
+    assert torch.equal(static_steps(lambda body, device: lambda: None), eager)
+    note = capsys.readouterr().err.splitlines()
+    assert len(note) == 1 and "does not compute what its step does" in note[0]
+
+
+def test_a_capture_that_passes_its_check_is_what_each_step_runs(capsys):
+    replays = []
+
+    def faithful(body, device):
+        return lambda: replays.append(body())
+
+    assert torch.equal(static_steps(faithful, n=8), static_steps(None))
+    assert len(replays) == 1 + 8  # the check, then every step
+    assert capsys.readouterr().err == ""
+
+
+def count_static_steps(monkeypatch):
+    """A list that grows by one each time generate makes a static step."""
+    made, make = [], generate_module.static_step
+    monkeypatch.setattr(generate_module, "static_step", lambda *args: made.append(1) or make(*args))
+    return made
+
+
+def test_the_static_step_is_made_once_and_reused_by_later_calls(monkeypatch):
+    made = count_static_steps(monkeypatch)
+    model = larger_weights(small_model())
+    idx = torch.randint(0, 20, (2, 3))
+    runs = [generate(model, idx, 12, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(s),
+                     graph=True) for s in (1, 2, 1)]
+    assert len(made) == 1
+    assert runs[0] == runs[2] != runs[1]  # each call's generator draws, not the first call's
+    assert runs[0] == generate(model, idx, 12, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1),
+                               graph=False)
+    generate(model, idx, 12, temperature=0.5, top_k=5, graph=True)  # another temperature: a step of its own
+    generate(model, idx[:1], 12, temperature=1.0, top_k=5, graph=True)  # another batch too
+    assert len(made) == 3
+
+
+def test_a_reused_static_step_reads_weights_trained_in_place(monkeypatch):
+    made = count_static_steps(monkeypatch)
+    model = larger_weights(small_model())
+    idx = torch.randint(0, 20, (2, 3))
+    before = generate(model, idx, 12, temperature=0, graph=True)
+    with torch.no_grad():  # a training step between samples: the same tensors, new values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    after = generate(model, idx, 12, temperature=0, graph=True)
+    assert len(made) == 1
+    assert after == generate(model, idx, 12, temperature=0, graph=False) != before
+
+
+def test_a_static_step_is_made_again_for_weights_replaced_by_other_tensors(monkeypatch):
+    made = count_static_steps(monkeypatch)
+    model = larger_weights(small_model())
+    idx = torch.randint(0, 20, (2, 3))
+    before = generate(model, idx, 12, temperature=0, graph=True)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    after = generate(model, idx, 12, temperature=0, graph=True)
+    assert len(made) == 2
+    assert after == generate(model, idx, 12, temperature=0, graph=False) != before
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
 
@@ -78,6 +186,35 @@ def test_greedy_output_through_the_cuda_graph_equals_the_cpus_past_block_size():
     idx = torch.randint(0, 20, (2, 3))
     expected = generate(model, idx, 40, temperature=0)
     assert generate(model.to("cuda"), idx.to("cuda"), 40, temperature=0) == expected
+
+
+@cuda
+def test_the_cuda_graph_passes_its_check_even_under_bf16_autocast(capsys):
+    model = larger_weights(small_model(block_size=8)).to("cuda")
+    idx = torch.randint(0, 20, (2, 3), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate(model, idx, 20, temperature=0)
+    generate(model, idx, 20, temperature=1.0, top_k=5)
+    assert capsys.readouterr().err == ""  # no note: neither capture fell back to the eager step
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_greedy_output_through_the_cuda_graph_on_a_second_gpu_equals_the_cpus(capsys):
+    # Captured on the current device, cuda:0, the graph would record nothing of cuda:1's step.
+    model = larger_weights(small_model(block_size=8))
+    idx = torch.randint(0, 20, (2, 3))
+    expected = generate(model, idx, 40, temperature=0)
+    assert generate(model.to("cuda:1"), idx.to("cuda:1"), 40, temperature=0) == expected
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting, graph", [("True", None), ("False", False)])
+def test_sample_py_turns_the_cuda_graph_off_with_cuda_graph_false(monkeypatch, setting, graph):
+    import sample
+    given = {}
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: given.update(kwargs) or [[]])
+    sample.main([f"--checkpoint={sample.PRETRAINED}", "--device=cpu", f"--cuda_graph={setting}"])
+    assert given["graph"] is graph  # None: generate's default, the graph on CUDA
 
 
 def test_past_block_size_the_cache_restarts_from_the_last_half_of_the_context(monkeypatch):

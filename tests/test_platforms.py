@@ -74,9 +74,8 @@ def test_a_run_beside_a_cpu_load_computes_what_the_same_run_computes_alone(stori
     assert all(torch.equal(loaded[1][k], alone[1][k]) for k in alone[1])
 
 
-def test_a_resume_on_another_number_of_threads_says_it_is_not_bit_for_bit(stories_dir, tmp_path, capsys):
-    args = [f"--dataset={stories_dir}", f"--out_dir={tmp_path}", *TINY]
-    train.main([*args, "--max_steps=2"])  # on 1 thread, as conftest sets
+def resume_on_two_threads(args, capsys):
+    """What train.main(args) to step 3 prints, resumed on 2 CPU threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -84,7 +83,13 @@ def test_a_resume_on_another_number_of_threads_says_it_is_not_bit_for_bit(storie
         train.main([*args, "--max_steps=3"])
     finally:
         torch.set_num_threads(before)
-    captured = capsys.readouterr()
+    return capsys.readouterr()
+
+
+def test_a_resume_on_another_number_of_threads_says_it_is_not_bit_for_bit(stories_dir, tmp_path, capsys):
+    args = [f"--dataset={stories_dir}", f"--out_dir={tmp_path}", *TINY]
+    train.main([*args, "--max_steps=2"])  # on 1 thread, as conftest sets
+    captured = resume_on_two_threads(args, capsys)
     assert "note: the checkpoint was written on 1 CPU thread, this run has 2: it goes on" in captured.err
     assert "step 3/3" in captured.out
 
@@ -96,12 +101,5 @@ def test_a_checkpoint_older_than_its_thread_count_resumes_without_a_note(stories
     state = checkpoint.load(path)
     del state["threads"]
     torch.save({**state, "checksum": checkpoint.checksum(state)}, path)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        capsys.readouterr()
-        train.main([*args, "--max_steps=3"])
-    finally:
-        torch.set_num_threads(before)
-    captured = capsys.readouterr()
+    captured = resume_on_two_threads(args, capsys)
     assert "note: the checkpoint" not in captured.err and "step 3/3" in captured.out

@@ -162,10 +162,9 @@ def sample(model, prompt, tokenizer, cfg, device, step):
     """A short continuation of PROMPT (prompt: its ids), to watch a run learn: SAMPLE_CHARS tokens of top-k
     at TEMPERATURE, drawn with a generator of its own seeded by the step, so the run's random numbers are
     untouched (the same losses with samples as without) and a resumed run draws the samples the unbroken
-    one did."""
-    context = ([EOS] + prompt)[-model.config.block_size:]
+    one did. generate keeps the last block_size ids of a long prompt."""
     model.eval()
-    out = generate(model, torch.tensor([context], device=device), cfg["sample_chars"], cfg["temperature"],
+    out = generate(model, torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
                    cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
     model.train()
     return cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)

@@ -11,7 +11,9 @@ import textwrap
 from pathlib import Path
 
 # --- data ---
-DATASET = "tinystories"  # the slice in tinystories/; a hub dataset (roneneldan/TinyStories), a folder in the hub's layout, or a .txt/.jsonl/.parquet file
+# the slice in tinystories/; a hub dataset (roneneldan/TinyStories), a folder in the hub's layout, or a
+# .txt/.jsonl/.parquet file
+DATASET = "tinystories"
 TOKENIZER = "char"  # char: one id per character; bpe: byte-level BPE of VOCAB_SIZE ids (see tokenizer.py)
 VOCAB_SIZE = 512  # ids of the BPE tokenizer (bpe only; at least 257: every byte and the end of a story)
 TOKENIZER_STORIES = 10_000  # the vocabulary is built from this many first training stories, up to 16M characters
@@ -78,7 +80,7 @@ GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
 TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
-CUDA_GRAPH = True  # on CUDA, replay each character's step as one captured CUDA graph; False: launch its kernels one by one
+CUDA_GRAPH = True  # on CUDA, replay each character's step as one captured CUDA graph; False: kernel by kernel
 
 # --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error

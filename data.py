@@ -281,9 +281,9 @@ class Batches:
             self.rows.close()
 
     def state_dict(self):
-        return {"dataset": self.start if self.rewound else self.ds.state_dict(), "shards": self.ds.num_shards, "buffer": list(self.buffer),
-                "queue": list(self.queue), "rest": self.rest, "open": self.open, "epoch": self.epoch,
-                "story": self.story, "epoch_ids": self.epoch_ids}
+        return {"dataset": self.start if self.rewound else self.ds.state_dict(), "shards": self.ds.num_shards,
+                "buffer": list(self.buffer), "queue": list(self.queue), "rest": self.rest, "open": self.open,
+                "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
 
     def load_state_dict(self, state):
         # The stream's position is a shard and a row within it: with other shards it would point

@@ -41,7 +41,7 @@ def synchronize(device):
 
 def matmul_rate(device, dtype=torch.float32, n=None, products=None):
     """The matrix-product rate of device in dtype, in FLOP/s: the yardstick of MFU. Best of a few
-    timings of products n-by-n products in a row and one wait for the device. A GPU computes a
+    timings of `products` n-by-n matrix products in a row and one wait for the device. A GPU computes a
     2048-cubed product in tens of microseconds, as long as a launch and a wait take: timed one
     at a time its rate comes out low, and MFU high. The CPU computes synchronously, and slowly."""
     gpu = device.type != "cpu"

@@ -266,7 +266,8 @@ def run(cfg, rank, world_size, device):
     step = 0
     if source:
         model.load_state_dict(grow_vocabulary(source[1]["model"], model))
-        print(f"fine-tuning {source[0]}, trained {source[1]['step']} steps: its weights, a fresh optimizer and schedule")
+        print(f"fine-tuning {source[0]}, trained {source[1]['step']} steps: its weights, a fresh optimizer "
+              "and schedule")
     if state:
         step = checkpoint.restore(state, rank, model, optimizer, batches, device)
         print(f"resuming from {path} at step {step} (--resume=False starts afresh)")

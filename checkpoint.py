@@ -33,7 +33,8 @@ FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within 
          errno.ENOENT: "{} was moved or deleted during the run: put it back"}
 # The model settings of config.py (GPTConfig's fields of the same names): a checkpoint must share them
 # with the config to be resumed.
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift")
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift", "mlp_hidden",
+              "bigram", "key_offset")
 
 
 def paths(out_dir):

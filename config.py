@@ -29,9 +29,12 @@ ROPE = False  # rotary position embeddings in attention instead of learned ones 
 SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) instead of GELU
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 TOKEN_SHIFT = True  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs
+MLP_HIDDEN = 268  # hidden width of the MLP; 0: 4 * N_EMBD. Below 512 to leave BIGRAM room in the speedrun's cap
+BIGRAM = 512  # rows of a learned table of (previous, current) character pairs, hashed, added to the input; 0: none
+KEY_OFFSET = True  # attention's keys take the first half of each head's channels from the position before
 
 # --- training ---
-MAX_STEPS = 4850  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 5600  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory
@@ -41,8 +44,10 @@ WARMUP_STEPS = 100  # linear warmup from 0 to LEARNING_RATE
 COOLDOWN = 0.6  # 0: cosine decay to MIN_LR; else hold LEARNING_RATE, then decay linearly over this last fraction
 MUON = True  # Muon for the blocks' matrices (AdamW for embeddings, head, biases and norms); False: AdamW for all
 WEIGHT_DECAY = 0.0  # decoupled decay on matrices and embeddings (not biases or norms), both optimizers
-BETA1 = 0.9  # AdamW first-moment decay
-BETA2 = 0.99  # AdamW second-moment decay
+BETA1 = 0.8  # AdamW first-moment decay
+BETA2 = 0.95  # AdamW second-moment decay
+ADAM_EPS = 1e-10  # AdamW's term that keeps a tiny second moment from blowing up a step
+BIGRAM_LR = 5.0  # the bigram table's learning rate, in multiples of the rest's: its rows start at zero, each fed by one pair
 GRAD_CLIP = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
 SEED = 1337  # seeds the weights, dropout and sampling
 DEVICE = "auto"  # auto (cuda, else cpu), cpu, cuda, cuda:1, mps (Apple silicon: only when named, not under torchrun)

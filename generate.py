@@ -12,7 +12,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from model import shifted
+from model import pair_rows, shifted
 
 # generate looks for the end of a story every this many characters: each look waits for the device.
 EOS_CHECK = 32
@@ -20,16 +20,18 @@ EOS_CHECK = 32
 
 def new_cache(model, batch, like):
     """An empty key/value cache for decode, zeros of like's dtype and device: (n_layer, batch, n_head,
-    slots, block_size, head_dim), the slots keys and values, and with token_shift also the unshifted
-    embedding and sublayer inputs."""
+    slots, block_size, head_dim), the slots keys and values, with token_shift also the unshifted
+    embedding and sublayer inputs, and with key_offset the keys before the offset."""
     c = model.config
-    return like.new_zeros(c.n_layer, batch, c.n_head, 5 if c.token_shift else 2, c.block_size, c.n_embd // c.n_head)
+    slots = 2 + 3 * c.token_shift + c.key_offset
+    return like.new_zeros(c.n_layer, batch, c.n_head, slots, c.block_size, c.n_embd // c.n_head)
 
 
-def decode(model, w, idx, start, cache):
+def decode(model, w, idx, start, cache, before=None):
     """Logits (B, vocab) for what follows idx (B, T), whose characters sit at positions start ..
     start + T - 1, after the keys and values in cache (from new_cache); theirs are written there.
-    Either start is 0 (a prompt) or T is 1 (one character). start is an int, or a one-element
+    Either start is 0 (a prompt) or T is 1 (one character); then before (B, 1) is the id before it,
+    which the bigram table reads (and only it). start is an int, or a one-element
     tensor (T is then 1): a CUDA graph replays the same kernels at every step, so the position
     has to be data, not a slice bound; the step then writes the cache with index_copy_ and
     attends over the whole block, masked past start.
@@ -50,6 +52,9 @@ def decode(model, w, idx, start, cache):
     mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
     heads = (B, T, c.n_head, -1)  # a position's channels as n_head heads
     x = mix(x, w.get("shift"), cache, 0, 2, start, heads)
+    if c.bigram:
+        pairs = pair_rows(idx, c, None if sliced and start == 0 else before)
+        x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
@@ -58,6 +63,8 @@ def decode(model, w, idx, start, cache):
         qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
         if c.rope:
             qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
+        if c.key_offset:
+            offset_keys(qkv.select(2, 1), cache[i].select(2, 2 + 3 * c.token_shift), start)
         # narrow and select rather than [...] indexing, which costs microseconds per slice
         kv = cache[i].narrow(2, 0, 2)
         if sliced:
@@ -103,10 +110,26 @@ def mix(h, share, cache, i, slot, start, heads):
     return h + share * before
 
 
+def offset_keys(k, raw, start):
+    """key_offset's keys: the first half of each key's channels replaced, in k (B, n_head, T, head_dim)
+    at positions start .. start + T - 1 as in decode, by those of the key before it (zeros before
+    position 0). raw, a slot of the cache, keeps each position's key as computed, for later calls."""
+    sliced, half = isinstance(start, int), k.size(-1) // 2
+    if sliced:
+        raw.narrow(2, start, k.size(2)).copy_(k)
+    else:  # cast as in decode: index_copy_ does not
+        raw.index_copy_(2, start, k.to(raw.dtype))
+    if sliced and start == 0:  # a prompt
+        before = F.pad(raw.narrow(2, 0, k.size(2) - 1), (0, 0, 1, 0))
+    else:
+        before = raw.narrow(2, start - 1, 1) if sliced else raw.index_select(2, (start - 1).clamp(min=0))
+    k[..., :half] = before[..., :half]
+
+
 def static_step(model, w, batch, temperature, top_k, capture=None):
-    """(step, cache): step(token, pos, generator) -> the next ids (B, 1), decoding token (B, 1) at pos
-    and drawing what follows, through tensors allocated once (the token, the position, the random
-    draws and cache, a new_cache that goes with the step). capture(body, device) -> a replay of
+    """(step, cache): step(token, before, pos, generator) -> the next ids (B, 1), decoding token (B, 1)
+    at pos (before: the ids before it) and drawing what follows, through tensors allocated once (the
+    token, the one before, the position, the random draws and cache, a new_cache that goes with the step). capture(body, device) -> a replay of
     body, as cuda_graph captures one: on CUDA one launch instead of some 40 kernels, and no wait
     for the host. The capture is checked against body; where it fails or the check does, a note
     says so and the step runs body eagerly, as it does with no capture (the CPU's tests run it so).
@@ -118,18 +141,22 @@ def static_step(model, w, batch, temperature, top_k, capture=None):
     cache = new_cache(model, batch, w["lm_head.weight"])
     device, vocab = cache.device, model.config.vocab_size
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    before = torch.zeros_like(token)
     pos = torch.zeros(1, dtype=torch.long, device=device)
     noise = torch.ones(batch, min(top_k, vocab) if top_k else vocab, device=device)  # Exp(1) draws for pick
 
     def body():
-        token.copy_(pick(decode(model, w, token, pos, cache), temperature, top_k, noise=noise))
+        logits = decode(model, w, token, pos, cache, before)
+        if model.config.bigram:
+            before.copy_(token)
+        token.copy_(pick(logits, temperature, top_k, noise=noise))
         pos.add_(1)  # the next step's position, so a step in sequence needs no copy from the host
 
     run = body
     if capture is not None:
         try:
             replay = capture(body, device)
-            if does_as_body(replay, body, (token, pos, cache)):
+            if does_as_body(replay, body, (token, before, pos, cache)):
                 run = replay
             else:
                 print("note: the captured CUDA graph does not compute what its step does; "
@@ -140,9 +167,10 @@ def static_step(model, w, batch, temperature, top_k, capture=None):
                   "sampling runs the step without it", file=sys.stderr)
     last = [None]  # what the previous step returned: the graph's state already follows it
 
-    def step(given, at, generator):
+    def step(given, given_before, at, generator):
         if given is not last[0]:  # after the prompt or a rebuilt cache
             token.copy_(given)
+            before.copy_(given_before)
             pos.fill_(at)
         if temperature:
             noise.exponential_(generator=generator)  # drawn outside the graph, so any generator serves
@@ -229,8 +257,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
     else:
         cache = new_cache(model, B, w["lm_head.weight"])
 
-        def step(token, at, generator):
-            return pick(decode(model, w, token, at, cache), temperature, top_k, generator)
+        def step(token, before, at, generator):
+            return pick(decode(model, w, token, at, cache, before), temperature, top_k, generator)
     context = idx[:, -T:]
     logits = decode(model, w, context, 0, cache) if use_cache else model(context)[0]
     pos = context.size(1)  # positions the cache holds
@@ -238,15 +266,15 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None,
     done = torch.zeros(B, dtype=torch.bool, device=device)  # the rows that have drawn eos_id
     for n in range(max_new_tokens):
         if n == 0:
-            token = pick(logits, temperature, top_k, generator)
+            token, before = pick(logits, temperature, top_k, generator), context[:, -1:]
         elif not use_cache:
             token = pick(model(torch.cat([context, *new[-T:]], 1)[:, -T:])[0], temperature, top_k, generator)
         elif pos == T:  # the cache is full: it starts again from the last T // 2 characters
             pos = T // 2
             recent = torch.cat([context, *new[-pos:]], 1)[:, -pos:]
-            token = pick(decode(model, w, recent, 0, cache), temperature, top_k, generator)
+            token, before = pick(decode(model, w, recent, 0, cache), temperature, top_k, generator), recent[:, -1:]
         else:
-            token = step(token, pos, generator)
+            token, before = step(token, before, pos, generator), token
             pos += 1
         new.append(token)
         if eos_id is not None and len(new) % EOS_CHECK == 0:

@@ -35,6 +35,9 @@ class GPTConfig:
     swiglu: bool = False  # SwiGLU MLP of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
+    mlp_hidden: int = 0  # hidden width of the GELU MLP; 0: 4 * n_embd
+    bigram: int = 0  # rows of a hashed table of (previous, current) character pairs added to the input; 0: none
+    key_offset: bool = False  # the first half of each head's key channels come from the position before
 
 
 class Rotary(nn.Module):
@@ -71,6 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
+        self.key_offset = config.key_offset
 
     def forward(self, x):
         B, T, C = x.shape
@@ -78,6 +82,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:
             q, k = self.rotary(q, 0), self.rotary(k, 0)
+        if self.key_offset:  # a query can then find the position after a match: induction in one layer
+            half = k.size(-1) // 2
+            k = torch.cat((F.pad(k[..., :half], (0, 0, 1, 0))[:, :, :-1], k[..., half:]), dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -87,9 +94,10 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -141,6 +149,15 @@ def shifted(x):
     return F.pad(x, (0, 0, 1, 0))[:, :-1]
 
 
+def pair_rows(idx, config, before=None):
+    """The bigram table's row for each position of idx (B, T): (previous * vocab_size + current) % bigram.
+    The previous id of the first position is before (B, 1); None means a window's start, where none is
+    in view, and counts as vocab_size, an id no character has."""
+    V = config.vocab_size
+    before = idx.new_full((idx.size(0), 1), V) if before is None else before
+    return (torch.cat([before, idx[:, :-1]], 1) * V + idx) % config.bigram
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -167,6 +184,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.bigram:  # made last and from zero: the model starts as the one without the table, weight for weight
+            self.bigram = nn.Embedding(config.bigram, config.n_embd)
+            nn.init.zeros_(self.bigram.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -195,6 +215,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
         if self.config.token_shift:
             x = x + self.shift * shifted(x)
+        if self.config.bigram:
+            x = x + self.bigram(pair_rows(idx, self.config))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
@@ -208,14 +230,17 @@ class GPT(nn.Module):
     def param_groups(self, weight_decay, muon=False):
         """(AdamW's parameter groups, Muon's parameters) for optim.optimizer: weight decay on the
         matrices and embeddings only, not on biases and norms; with muon the blocks' matrices go to
-        Muon instead (none without)."""
+        Muon instead (none without). The bigram table is a group of its own, named "bigram", for its
+        own learning rate (train.py's BIGRAM_LR)."""
         params = dict(self.named_parameters())
         hidden = [p for name, p in params.items() if muon and name.startswith("transformer.h.") and p.dim() == 2]
-        rest = [p for p in params.values() if not any(p is q for q in hidden)]
+        rest = [p for name, p in params.items() if name != "bigram.weight" and not any(p is q for q in hidden)]
         groups = [
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if self.config.bigram:
+            groups.append({"params": [self.bigram.weight], "weight_decay": weight_decay, "name": "bigram"})
         return groups, hidden
 
 

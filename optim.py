@@ -5,13 +5,13 @@ which parameters go where."""
 import torch
 
 
-def optimizer(model, learning_rate, weight_decay, betas, device_type, muon=False):
+def optimizer(model, learning_rate, weight_decay, betas, device_type, muon=False, eps=1e-8):
     """AdamW over model's parameter groups; with muon also Muon over the blocks' matrices (orthogonalised
     momentum, its rate scaled to match AdamW's update size, so one learning rate serves both)."""
     groups, hidden = model.param_groups(weight_decay, muon)
     # Fused (one kernel for all parameters) on a GPU; not on the CPU, whose fused AdamW rounds
     # differently, and the CPU runs' records and the shipped model are reproduced bit for bit.
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "mps"))
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ("cuda", "mps"))
     if not hidden:
         return adamw
     return Optimizers(adamw, Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))

@@ -55,12 +55,12 @@ def settings(argv):
     cfg = config.load(argv, __doc__, READS)
     positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
                 "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
-                "keep_checkpoints", "tokenizer_stories", "holdout_every"]
+                "keep_checkpoints", "tokenizer_stories", "holdout_every", "adam_eps"]
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, not {cfg[key]}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
-                "temperature", "top_k"):
+                "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must not be negative, not {cfg[key]}")
     if not 0 <= cfg["cooldown"] <= 1:
@@ -259,7 +259,7 @@ def run(cfg, rank, world_size, device):
 
     def new_optimizer():
         return optim.optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
-                               device.type, cfg["muon"])
+                               device.type, cfg["muon"], cfg["adam_eps"])
 
     optimizer = new_optimizer()
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
@@ -372,8 +372,8 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
     """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss, in nats
     per token and in bits per character. A loss that is not finite stops the run before the update, so no
     bad weights are ever saved."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # read from cfg, not the group: a resume may change it
+        group["lr"] = lr * (cfg["bigram_lr"] if group.get("name") == "bigram" else 1)
     accum, distributed = cfg["grad_accum_steps"], dist.is_initialized()
     loss, counts = 0.0, [0, 0]  # tokens, characters
     for micro in range(accum):

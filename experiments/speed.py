@@ -39,6 +39,8 @@ VARIANTS = {"default": ({}, 64, 128, False), "rope": ({"rope": True}, 64, 128, F
             "n_layer=2": ({"n_layer": 2}, 64, 128, False), "muon": ({}, 64, 128, True),
             "block_size=64": ({}, 64, 64, False), "batch_size=128": ({}, 128, 128, False),
             "muon token_shift": ({"token_shift": True}, 64, 128, True),
+            "muon token_shift bigram key_offset": ({"token_shift": True, "mlp_hidden": 396, "bigram": 256,
+                                                    "key_offset": True}, 64, 128, True),
             "muon batch_size=32": ({}, 32, 128, True), "muon batch_size=16": ({}, 16, 128, True),
             "bpe-512": ({"vocab_size": 512, "n_embd": 100}, 64, 128, True),
             "bpe-2048": ({"vocab_size": 2048, "n_embd": 48}, 64, 128, True)}

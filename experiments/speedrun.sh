@@ -14,12 +14,15 @@ trap 'rm -rf "$tmp"' EXIT
 settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
-    # the third record and the fourth (token shift).
-    settings=("--muon=False --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False"
-              "--muon=False --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False"
-              "--muon=True --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False"
-              "--muon=True --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False"
-              "--token_shift=False"
+    # the third record, the fourth (token shift) and the fifth (the pair table and the key offset).
+    # before5: what the fifth record added, turned off for the records before it.
+    before5="--mlp_hidden=0 --bigram=0 --key_offset=False"
+    settings=("--muon=False --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False $before5"
+              "--muon=False --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False $before5"
+              "--muon=True --cooldown=0 --min_lr=6e-4 --weight_decay=0.1 --token_shift=False $before5"
+              "--muon=True --cooldown=0.3 --min_lr=0 --weight_decay=0.1 --token_shift=False $before5"
+              "--token_shift=False $before5"
+              "$before5"
               "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"

@@ -19,7 +19,8 @@ def larger_weights(model):
 
 
 # small_model has two blocks: each switch is held to forward across n_layer > 1 too.
-SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token_shift": True}]
+SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token_shift": True}, {"mlp_hidden": 24},
+            {"bigram": 64}, {"key_offset": True}, {"key_offset": True, "rope": True, "token_shift": True}]
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
@@ -30,7 +31,7 @@ def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
     cache = new_cache(model, 2, torch.empty(0))
     with torch.no_grad():
         steps = [decode(model, w, idx[:, :5], 0, cache)]  # a prompt, then one character at a time
-        steps += [decode(model, w, idx[:, t - 1:t], t - 1, cache) for t in range(6, 13)]
+        steps += [decode(model, w, idx[:, t - 1:t], t - 1, cache, idx[:, t - 2:t - 1]) for t in range(6, 13)]
         for t, logits in zip(range(5, 13), steps):
             torch.testing.assert_close(logits, model(idx[:, :t])[0])
 
@@ -46,7 +47,7 @@ def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(swit
     with torch.no_grad():
         decode(model, w, idx[:, :5], 0, cache)
         for t in range(6, 13):
-            logits = decode(model, w, idx[:, t - 1:t], torch.tensor([t - 1]), cache)
+            logits = decode(model, w, idx[:, t - 1:t], torch.tensor([t - 1]), cache, idx[:, t - 2:t - 1])
             torch.testing.assert_close(logits, model(idx[:, :t])[0])
 
 
@@ -70,12 +71,12 @@ def static_steps(capture, n=8):
     model = larger_weights(small_model())
     w = {name: t.detach() for name, t in model.state_dict().items()}
     step, cache = static_step(model, w, 2, 0.0, 0, capture)
+    prompt = torch.randint(0, 20, (2, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        token = pick(decode(model, w, torch.randint(0, 20, (2, 4), generator=torch.Generator().manual_seed(0)),
-                            0, cache), 0, 0)
+        token, before = pick(decode(model, w, prompt, 0, cache), 0, 0), prompt[:, -1:]
         ids = []
         for at in range(4, 4 + n):
-            token = step(token, at, None)
+            token, before = step(token, before, at, None), token
             ids.append(token)
     return torch.cat(ids, 1)
 

@@ -3,7 +3,10 @@
 import torch
 
 from conftest import small_model
-from model import GPT, GPTConfig
+import config
+import model
+from checkpoint import MODEL_KEYS
+from model import GPT, CausalSelfAttention, GPTConfig, pair_rows
 
 
 def test_default_model_has_the_reference_parameter_count():
@@ -44,3 +47,37 @@ def test_tied_head_shares_the_token_embedding():
     model = small_model(tie_weights=True)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.num_params() == small_model().num_params() - 20 * 16
+
+
+def test_the_bigram_table_starts_at_zero_so_the_model_starts_as_the_plain_one():
+    idx = torch.randint(0, 20, (2, 16))
+    torch.testing.assert_close(small_model(bigram=64)(idx, idx), small_model()(idx, idx), rtol=0, atol=0)
+
+
+def test_a_pair_row_hashes_the_previous_and_current_id_and_a_window_start_has_no_previous():
+    config = GPTConfig(vocab_size=20, bigram=64)
+    rows = pair_rows(torch.tensor([[3, 5, 7]]), config)
+    assert rows.tolist() == [[(20 * 20 + 3) % 64, (3 * 20 + 5) % 64, (5 * 20 + 7) % 64]]
+    assert pair_rows(torch.tensor([[5]]), config, before=torch.tensor([[3]])).tolist() == [[(3 * 20 + 5) % 64]]
+
+
+def test_mlp_hidden_sets_the_hidden_width():
+    model = small_model(mlp_hidden=24)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (24, 16)
+
+
+def test_key_offset_takes_the_first_half_of_each_keys_channels_from_the_position_before(monkeypatch):
+    attn = CausalSelfAttention(GPTConfig(vocab_size=20, n_embd=8, n_head=2, key_offset=True))
+    x = torch.randn(1, 4, 8)
+    seen = {}
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.setdefault("k", k) * 0)
+    attn(x)
+    k = attn.c_attn(x).split(8, dim=2)[1].view(1, 4, 2, 4).transpose(1, 2)  # (batch, head, position, channel)
+    torch.testing.assert_close(seen["k"][..., 2:], k[..., 2:])
+    torch.testing.assert_close(seen["k"][..., 1:, :2], k[..., :-1, :2])
+    assert not seen["k"][..., 0, :2].any()
+
+
+def test_the_recipes_model_keeps_within_the_speedruns_240000_parameters_at_the_slices_83_ids():
+    cfg = config.load([])
+    assert GPT(GPTConfig(vocab_size=83, **{key: cfg[key] for key in MODEL_KEYS})).num_params() <= 240_000

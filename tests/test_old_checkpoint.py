@@ -27,7 +27,9 @@ DATA = Path(__file__).resolve().parent / "data"
 OLD = DATA / "ckpt_before_layout.pt"
 RUN = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=8",
        "--max_steps=201", "--checkpoint_interval=200", "--log_interval=50", "--eval_interval=200",
-       "--eval_chars=2000", "--warmup_steps=3", "--learning_rate=1e-2"]
+       "--eval_chars=2000", "--warmup_steps=3", "--learning_rate=1e-2",
+       # and the recipe of then, which today's defaults have moved on from
+       "--mlp_hidden=0", "--bigram=0", "--key_offset=False"]
 
 
 @pytest.fixture(scope="module")

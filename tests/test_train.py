@@ -253,3 +253,10 @@ def test_a_deterministic_cpu_run_trains_and_resumes_exactly(stories_dir, tmp_pat
     assert_resume_is_exact(lambda out_dir, *extra: run(stories_dir, out_dir, *extra), tmp_path, args)
     losses = [r["loss"] for r in metrics(tmp_path / "straight") if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("bigram_lr, moves", [(0.0, False), (1.0, True)])
+def test_bigram_lr_sets_the_pair_tables_learning_rate(stories_dir, tmp_path, bigram_lr, moves):
+    run(stories_dir, tmp_path, "--max_steps=3", "--bigram=64", f"--bigram_lr={bigram_lr}")
+    table = checkpoint.load(checkpoint.paths(tmp_path)[0])["model"]["bigram.weight"]
+    assert bool(table.abs().sum() > 0) == moves  # from zero: at rate 0 it stays there

@@ -1,14 +1,20 @@
 """The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
 LayerNorm and an untied linear head. Plain nn.Module, no framework.
 
-Four switches, all off in GPTConfig, the reference architecture: rotary position embeddings
-instead of learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the
-token embedding's weights (tie_weights), and token shift (token_shift, RWKV's name for it): each
-position's embedding, and the input of each sublayer, gets a learned per-channel share of the
-previous position's added. One block sees the characters before it only through attention's
-averages; the shift hands it the last one directly, for n_embd parameters at the embedding and
-2 x n_embd per block. The speedrun's recipe in config.py turns it on (README, "The 10-minute CPU
-speedrun", says why).
+Switches, all off in GPTConfig, the reference architecture: rotary position embeddings instead of
+learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the token
+embedding's weights (tie_weights), the MLP's hidden width (mlp_hidden), and three that hand the one
+block what it cannot easily find through attention's averages:
+- token shift (token_shift, RWKV's name for it): each position's embedding, and the input of each
+  sublayer, gets a learned per-channel share of the previous position's added; n_embd parameters
+  at the embedding and 2 x n_embd per block;
+- a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
+  current) characters, hashed to a row, added to the input, so the block starts from the pair, not
+  from the two characters apart;
+- key offset (key_offset): the first half of each head's key channels are the previous position's,
+  so a query can match the character before a position and read the one at it: in one layer, the
+  copying of a name seen earlier that otherwise takes two (an induction head).
+The speedrun's recipe in config.py turns the three on (docs/speedrun.md says why, with the screens).
 
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling runs generate.py's decode, the same pass written again over
@@ -149,13 +155,17 @@ def shifted(x):
     return F.pad(x, (0, 0, 1, 0))[:, :-1]
 
 
+# Odd, and much larger than any vocabulary: (a + 1) * PAIR_HASH + b gives distinct pairs distinct
+# numbers, and their rows do not depend on the vocabulary's size, which fine-tuning may grow.
+PAIR_HASH = 1_000_003
+
+
 def pair_rows(idx, config, before=None):
-    """The bigram table's row for each position of idx (B, T): (previous * vocab_size + current) % bigram.
-    The previous id of the first position is before (B, 1); None means a window's start, where none is
-    in view, and counts as vocab_size, an id no character has."""
-    V = config.vocab_size
-    before = idx.new_full((idx.size(0), 1), V) if before is None else before
-    return (torch.cat([before, idx[:, :-1]], 1) * V + idx) % config.bigram
+    """The bigram table's row for each position of idx (B, T): ((previous + 1) * PAIR_HASH + current) %
+    bigram. The previous id of the first position is before (B, 1); None means a window's start, where
+    none is in view, and counts as -1."""
+    before = idx.new_full((idx.size(0), 1), -1) if before is None else before
+    return ((torch.cat([before, idx[:, :-1]], 1) + 1) * PAIR_HASH + idx) % config.bigram
 
 
 class GPT(nn.Module):

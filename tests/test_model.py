@@ -6,7 +6,7 @@ from conftest import small_model
 import config
 import model
 from checkpoint import MODEL_KEYS
-from model import GPT, CausalSelfAttention, GPTConfig, pair_rows
+from model import PAIR_HASH, GPT, CausalSelfAttention, GPTConfig, pair_rows
 
 
 def test_default_model_has_the_reference_parameter_count():
@@ -55,10 +55,15 @@ def test_the_bigram_table_starts_at_zero_so_the_model_starts_as_the_plain_one():
 
 
 def test_a_pair_row_hashes_the_previous_and_current_id_and_a_window_start_has_no_previous():
-    config = GPTConfig(vocab_size=20, bigram=64)
+    config, h = GPTConfig(vocab_size=20, bigram=64), PAIR_HASH
     rows = pair_rows(torch.tensor([[3, 5, 7]]), config)
-    assert rows.tolist() == [[(20 * 20 + 3) % 64, (3 * 20 + 5) % 64, (5 * 20 + 7) % 64]]
-    assert pair_rows(torch.tensor([[5]]), config, before=torch.tensor([[3]])).tolist() == [[(3 * 20 + 5) % 64]]
+    assert rows.tolist() == [[(0 * h + 3) % 64, (4 * h + 5) % 64, (6 * h + 7) % 64]]
+    assert pair_rows(torch.tensor([[5]]), config, before=torch.tensor([[3]])).tolist() == [[(4 * h + 5) % 64]]
+
+
+def test_a_pairs_row_does_not_depend_on_the_vocabulary_size_which_fine_tuning_grows():
+    idx = torch.tensor([[3, 5, 7]])
+    assert torch.equal(pair_rows(idx, GPTConfig(vocab_size=20, bigram=64)), pair_rows(idx, GPTConfig(vocab_size=24, bigram=64)))
 
 
 def test_mlp_hidden_sets_the_hidden_width():

@@ -28,7 +28,7 @@ from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
 from device import autocast_for, compute_dtype, matmul_rate, pick_device, synchronize
 from generate import generate
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, offset_keys
 from tokenizer import Tokenizer
 
 
@@ -49,6 +49,8 @@ def explicit_attention(self, x):
     B, T, C = x.shape
     q, k, v = self.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    if self.key_offset:
+        k = offset_keys(k)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
     y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v

@@ -89,12 +89,18 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, 0), self.rotary(k, 0)
         if self.key_offset:  # a query can then find the position after a match: induction in one layer
-            half = k.size(-1) // 2
-            k = torch.cat((F.pad(k[..., :half], (0, 0, 1, 0))[:, :, :-1], k[..., half:]), dim=-1)
+            k = offset_keys(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def offset_keys(k):
+    """key_offset's keys: k (B, n_head, T, head_dim) with the first half of each position's channels
+    replaced by those of the position before (zeros at position 0)."""
+    half = k.size(-1) // 2
+    return torch.cat((F.pad(k[..., :half], (0, 0, 1, 0))[:, :, :-1], k[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):

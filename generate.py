@@ -129,10 +129,11 @@ def offset_keys(k, raw, start):
 def static_step(model, w, batch, temperature, top_k, capture=None):
     """(step, cache): step(token, before, pos, generator) -> the next ids (B, 1), decoding token (B, 1)
     at pos (before: the ids before it) and drawing what follows, through tensors allocated once (the
-    token, the one before, the position, the random draws and cache, a new_cache that goes with the step). capture(body, device) -> a replay of
-    body, as cuda_graph captures one: on CUDA one launch instead of some 40 kernels, and no wait
-    for the host. The capture is checked against body; where it fails or the check does, a note
-    says so and the step runs body eagerly, as it does with no capture (the CPU's tests run it so).
+    token, the one before, the position, the random draws and cache, a new_cache that goes with the
+    step). capture(body, device) -> a replay of body, as cuda_graph captures one: on CUDA one launch
+    instead of some 40 kernels, and no wait for the host. The capture is checked against body; where
+    it fails or the check does, a note says so and the step runs body eagerly, as it does with no
+    capture (the CPU's tests run it so).
 
     Make it before the prompt is decoded: capturing runs the step, which writes the cache at
     position 0 until the prompt overwrites it."""

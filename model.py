@@ -200,7 +200,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.bigram:  # made last and from zero: the model starts as the one without the table, weight for weight
+        if config.bigram:  # made last, from zero: the model starts as the one without it, weight for weight
             self.bigram = nn.Embedding(config.bigram, config.n_embd)
             nn.init.zeros_(self.bigram.weight)
 

@@ -106,8 +106,8 @@ def test_accumulated_micro_batches_make_the_same_update_as_one_large_batch(stori
     # AdamW's eps at 1e-8, not the recipe's 1e-10: the key bias's gradient is zero but for rounding (a
     # constant added to every score of a query leaves its softmax as it was), and at 1e-10 Adam turns
     # that rounding, which differs between the two ways of summing, into steps of full size.
-    common = [f"--dataset={stories_dir}", *TINY, "--max_steps=3", "--eval_interval=100", "--grad_clip=0", "--muon=False",
-              "--adam_eps=1e-8"]
+    common = [f"--dataset={stories_dir}", *TINY, "--max_steps=3", "--eval_interval=100", "--grad_clip=0",
+              "--muon=False", "--adam_eps=1e-8"]
     train.main([*common, f"--out_dir={tmp_path / 'one'}", "--batch_size=8", "--grad_accum_steps=1"])
     train.main([*common, f"--out_dir={tmp_path / 'acc'}", "--batch_size=4", "--grad_accum_steps=2"])
     a, b = (checkpoint.load(tmp_path / d / "ckpt_00000003.pt") for d in ("one", "acc"))

@@ -64,7 +64,7 @@ def decode(model, w, idx, start, cache, before=None):
         if c.rope:
             qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
         if c.key_offset:
-            offset_keys(qkv.select(2, 1), cache[i].select(2, 2 + 3 * c.token_shift), start)
+            offset_cached(qkv.select(2, 1), cache[i].select(2, 2 + 3 * c.token_shift), start)
         # narrow and select rather than [...] indexing, which costs microseconds per slice
         kv = cache[i].narrow(2, 0, 2)
         if sliced:
@@ -110,10 +110,11 @@ def mix(h, share, cache, i, slot, start, heads):
     return h + share * before
 
 
-def offset_keys(k, raw, start):
-    """key_offset's keys: the first half of each key's channels replaced, in k (B, n_head, T, head_dim)
-    at positions start .. start + T - 1 as in decode, by those of the key before it (zeros before
-    position 0). raw, a slot of the cache, keeps each position's key as computed, for later calls."""
+def offset_cached(k, raw, start):
+    """key_offset's keys, as model.offset_keys makes them, in decode's form: the first half of each
+    key's channels replaced, in k (B, n_head, T, head_dim) at positions start .. start + T - 1 as in
+    decode, by those of the key before it (zeros before position 0). raw, a slot of the cache, keeps
+    each position's key as computed, for later calls."""
     sliced, half = isinstance(start, int), k.size(-1) // 2
     if sliced:
         raw.narrow(2, start, k.size(2)).copy_(k)

@@ -23,12 +23,17 @@ SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token
             {"bigram": 64}, {"key_offset": True}, {"key_offset": True, "rope": True, "token_shift": True}]
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
-def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
+def decoding(switches):
+    """(model, idx, w, cache): a small model with switches and larger weights, 12 random ids in each of
+    2 rows, its weights by name, and an empty cache for decode."""
     model = larger_weights(small_model(**switches))
     idx = torch.randint(0, 20, (2, 12))
-    w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = new_cache(model, 2, torch.empty(0))
+    return model, idx, {name: t.detach() for name, t in model.state_dict().items()}, new_cache(model, 2, torch.empty(0))
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
+def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
+    model, idx, w, cache = decoding(switches)
     with torch.no_grad():
         steps = [decode(model, w, idx[:, :5], 0, cache)]  # a prompt, then one character at a time
         steps += [decode(model, w, idx[:, t - 1:t], t - 1, cache, idx[:, t - 2:t - 1]) for t in range(6, 13)]
@@ -40,10 +45,7 @@ def test_cached_decoding_gives_the_logits_of_the_forward_pass(switches):
 def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(switches):
     # The CUDA graph's form of a step: the position is data, the cache written with index_copy_ and
     # attended over the whole block under a mask.
-    model = larger_weights(small_model(**switches))
-    idx = torch.randint(0, 20, (2, 12))
-    w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = new_cache(model, 2, torch.empty(0))
+    model, idx, w, cache = decoding(switches)
     with torch.no_grad():
         decode(model, w, idx[:, :5], 0, cache)
         for t in range(6, 13):

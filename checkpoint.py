@@ -237,10 +237,15 @@ def lock(out_dir):
     return f
 
 
+def model_settings(state):
+    """The MODEL_KEYS settings of the model in checkpoint state; those a checkpoint older than the
+    switch lacks are GPTConfig's defaults, which the model it holds was made with."""
+    return {key: state["model_args"].get(key, getattr(GPTConfig, key)) for key in MODEL_KEYS}
+
+
 def check_resumable(state, path, cfg, world_size):
     """Refuse a checkpoint that this config cannot continue, saying what differs."""
-    for key in MODEL_KEYS:
-        saved = state["model_args"].get(key, getattr(GPTConfig, key))  # checkpoints older than a switch lack it
+    for key, saved in model_settings(state).items():
         if saved != cfg[key]:
             raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
                             f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
@@ -268,8 +273,7 @@ def inherit(cfg, state, path):
     """Fill in the model's shape and tokenizer settings that cfg leaves to a checkpoint (None) from state,
     the checkpoint at path, which a fine-tuning run starts from or continues; refuse one given that differs."""
     kind = state["tokenizer"].get("kind", "char")
-    saved = {**{key: state["model_args"].get(key, getattr(GPTConfig, key)) for key in MODEL_KEYS},
-             "tokenizer": kind, "vocab_size": state["config"].get("vocab_size")}
+    saved = {**model_settings(state), "tokenizer": kind, "vocab_size": state["config"].get("vocab_size")}
     for key, value in saved.items():
         if cfg[key] is None or (key == "vocab_size" and kind == "char"):  # VOCAB_SIZE counts only for BPE
             cfg[key] = value

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from config import UserError
-from model import GPTConfig
+from model import GPTConfig, pair_index
 
 FORMAT = 1  # raised whenever the layout of a checkpoint changes
 PATTERN = "ckpt_*.pt"
@@ -167,6 +167,9 @@ def load(path):
                         "train anew, or sample from it with that version")
     if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
+    weights = state["model"]
+    if "bigram.weight" in weights and "pair_index" not in weights:  # written when every pair's row was hashed
+        weights["pair_index"] = pair_index(len(weights["transformer.wte.weight"]), len(weights["bigram.weight"]))
     return state
 
 

@@ -30,7 +30,7 @@ SWIGLU = False  # SwiGLU MLP (hidden 8/3 * N_EMBD, about the same parameters) in
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 TOKEN_SHIFT = True  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs
 MLP_HIDDEN = 268  # hidden width of the MLP; 0: 4 * N_EMBD. Below 512 to leave BIGRAM room in the speedrun's cap
-BIGRAM = 512  # rows of a learned table of (previous, current) character pairs, hashed, added to the input; 0: none
+BIGRAM = 512  # rows of a learned table of (previous, current) character pairs added to the input, one per common pair; 0: none
 KEY_OFFSET = True  # attention's keys take the first half of each head's channels from the position before
 
 # --- training ---

@@ -163,6 +163,17 @@ def vocabulary_stories(dataset, n):
     return found
 
 
+def pair_counts(texts, tokenizer, block_size):
+    """How often each pair of ids follows in texts as training reads them (EOS story EOS story ...),
+    as a (vocab_size + 1, vocab_size) table indexed by (previous + 1, current), model.pair_index's
+    counts; the first row, previous none, counts a window's first id: one id in block_size."""
+    ids = torch.tensor([i for text in texts for i in [EOS, *tokenizer.encode(text)]])
+    v = tokenizer.vocab_size
+    counts = torch.bincount((ids[:-1] + 1) * v + ids[1:], minlength=(v + 1) * v).view(v + 1, v).double()
+    counts[0] = counts.sum(0) / block_size
+    return counts
+
+
 def is_held_out(i, every):
     """Whether the i-th story of a training split is held out to validate on, where the data has
     no validation split: every every-th story, so the held-out text is spread across the split."""

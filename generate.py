@@ -53,7 +53,7 @@ def decode(model, w, idx, start, cache, before=None):
     heads = (B, T, c.n_head, -1)  # a position's channels as n_head heads
     x = mix(x, w.get("shift"), cache, 0, 2, start, heads)
     if c.bigram:
-        pairs = pair_rows(idx, c, None if sliced and start == 0 else before)
+        pairs = pair_rows(idx, w["pair_index"], None if sliced and start == 0 else before)
         x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."

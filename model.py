@@ -9,8 +9,8 @@ block what it cannot easily find through attention's averages:
   sublayer, gets a learned per-channel share of the previous position's added; n_embd parameters
   at the embedding and 2 x n_embd per block;
 - a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
-  current) characters, hashed to a row, added to the input, so the block starts from the pair, not
-  from the two characters apart;
+  current) characters, added to the input, so the block starts from the pair, not from the two
+  characters apart; the commonest pairs of the training data get a row each (pair_index);
 - key offset (key_offset): the first half of each head's key channels are the previous position's,
   so a query can match the character before a position and read the one at it: in one layer, the
   copying of a name seen earlier that otherwise takes two (an induction head).
@@ -42,7 +42,7 @@ class GPTConfig:
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
     mlp_hidden: int = 0  # hidden width of the GELU MLP; 0: 4 * n_embd
-    bigram: int = 0  # rows of a hashed table of (previous, current) character pairs added to the input; 0: none
+    bigram: int = 0  # rows of a table of (previous, current) character pairs added to the input; 0: none
     key_offset: bool = False  # the first half of each head's key channels come from the position before
 
 
@@ -166,12 +166,27 @@ def shifted(x):
 PAIR_HASH = 1_000_003
 
 
-def pair_rows(idx, config, before=None):
-    """The bigram table's row for each position of idx (B, T): ((previous + 1) * PAIR_HASH + current) %
-    bigram. The previous id of the first position is before (B, 1); None means a window's start, where
-    none is in view, and counts as -1."""
+def pair_index(vocab_size, bigram, counts=None):
+    """The bigram table's row for each pair of ids, as a (vocab_size + 1, vocab_size) table indexed by
+    (previous + 1, current); previous is -1 at a window's start, where none is in view. Each pair is
+    hashed to ((previous + 1) * PAIR_HASH + current) % bigram. With counts, a table of that shape (how
+    often each pair occurs in the training text), the bigram commonest pairs get a row each instead,
+    commonest first, and the rest keep their hashed rows: hashed, common pairs share rows too
+    (docs/speedrun.md measures what a row of their own is worth)."""
+    index = (torch.arange(vocab_size + 1).view(-1, 1) * PAIR_HASH + torch.arange(vocab_size)) % bigram
+    if counts is not None:
+        top = counts.flatten().argsort(descending=True, stable=True)[:bigram]
+        top = top[counts.flatten()[top] > 0]
+        index.view(-1)[top] = torch.arange(len(top))
+    return index.int()  # half the size in a checkpoint: a BPE vocabulary makes the table large
+
+
+def pair_rows(idx, index, before=None):
+    """The bigram table's row for each position of idx (B, T), read from index (pair_index's table)
+    for the id before it and its own. The id before the first position is before (B, 1); None means
+    a window's start, where none is in view."""
     before = idx.new_full((idx.size(0), 1), -1) if before is None else before
-    return ((torch.cat([before, idx[:, :-1]], 1) + 1) * PAIR_HASH + idx) % config.bigram
+    return index[torch.cat([before, idx[:, :-1]], 1) + 1, idx]
 
 
 class GPT(nn.Module):
@@ -203,6 +218,8 @@ class GPT(nn.Module):
         if config.bigram:  # made last, from zero: the model starts as the one without it, weight for weight
             self.bigram = nn.Embedding(config.bigram, config.n_embd)
             nn.init.zeros_(self.bigram.weight)
+            # Hashed rows; a fresh run of train.py gives the commonest pairs of its data a row each.
+            self.register_buffer("pair_index", pair_index(config.vocab_size, config.bigram))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -232,7 +249,7 @@ class GPT(nn.Module):
         if self.config.token_shift:
             x = x + self.shift * shifted(x)
         if self.config.bigram:
-            x = x + self.bigram(pair_rows(idx, self.config))
+            x = x + self.bigram(pair_rows(idx, self.pair_index))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
@@ -263,7 +280,16 @@ class GPT(nn.Module):
 def grow_vocabulary(weights, model):
     """weights, a state_dict of a model like model with fewer ids (or as many), for model to load: the
     token embedding and the head keep their rows for the old ids and take those of the new ids from
-    model's own initialisation, as a fresh model has them; every other weight is unchanged."""
+    model's own initialisation, as a fresh model has them; the old pairs keep their rows of the bigram
+    table, the new ones take model's hashed rows; every other weight is unchanged."""
     own = model.state_dict()
-    return {name: torch.cat([w, own[name][len(w):]]) if name in ("transformer.wte.weight", "lm_head.weight") else w
-            for name, w in weights.items()}
+
+    def grown(name, w):
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            return torch.cat([w, own[name][len(w):]])
+        if name == "pair_index":
+            index = own[name].clone()
+            index[:w.size(0), :w.size(1)] = w  # new ids come last, so the old pairs keep their places
+            return index
+        return w
+    return {name: grown(name, w) for name, w in weights.items()}

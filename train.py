@@ -41,7 +41,7 @@ from metrics import Metrics, plot_losses
 from config import UserError
 from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device, rank_device
 from generate import generate
-from model import GPT, GPTConfig, grow_vocabulary
+from model import GPT, GPTConfig, grow_vocabulary, pair_index
 from tokenizer import EOS, build_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -193,10 +193,10 @@ def main(argv):
 
 
 def start(cfg, world_size, out_dir):
-    """(path, state, tokenizer, source): the newest checkpoint in out_dir and its tokenizer; or, for a
-    fresh run, (None, None, a tokenizer built from the first training stories, None); or, for a fresh
-    run from INIT_FROM, source is (path, state) of that checkpoint, and the tokenizer is its own, with the
-    characters of the first training stories that it lacks added."""
+    """(path, state, tokenizer, source, texts): the newest checkpoint in out_dir and its tokenizer; or,
+    for a fresh run, (None, None, a tokenizer built from texts, None, texts), texts the first training
+    stories; or, for a fresh run from INIT_FROM, source is (path, state) of that checkpoint, and the
+    tokenizer is its own, with the characters of texts that it lacks added."""
     if cfg["eval_only"] and cfg["checkpoint"]:
         found = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
     else:
@@ -212,7 +212,7 @@ def start(cfg, world_size, out_dir):
     if found:
         path, state = found
         checkpoint.check_resumable(state, path, cfg, world_size)
-        return path, state, load_tokenizer(state["tokenizer"]), None
+        return path, state, load_tokenizer(state["tokenizer"]), None, None
     if cfg["eval_only"]:
         raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
     source = checkpoint.load_source(cfg["init_from"]) if cfg["init_from"] else None
@@ -220,8 +220,8 @@ def start(cfg, world_size, out_dir):
         checkpoint.inherit(cfg, source[1], source[0])
     texts = data.vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"])
     if source:
-        return None, None, grown_tokenizer(*source, texts), source
-    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"]), None
+        return None, None, grown_tokenizer(*source, texts), source, texts
+    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"]), None, texts
 
 
 def grown_tokenizer(path, state, texts):
@@ -240,10 +240,14 @@ def grown_tokenizer(path, state, texts):
 
 def run(cfg, rank, world_size, device):
     out_dir = Path(cfg["out_dir"])
-    path, state, tokenizer, source = start(cfg, world_size, out_dir)
+    path, state, tokenizer, source, texts = start(cfg, world_size, out_dir)
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, dropout=cfg["dropout"],
-                          **{key: cfg[key] for key in checkpoint.MODEL_KEYS})).to(device)
+                          **{key: cfg[key] for key in checkpoint.MODEL_KEYS}))
+    if model.config.bigram and not state and not source:  # the commonest pairs of the data get a row each
+        counts = data.pair_counts(texts, tokenizer, cfg["block_size"])
+        model.pair_index.copy_(pair_index(tokenizer.vocab_size, cfg["bigram"], counts))
+    model.to(device)
     autocast = autocast_for(device)  # bf16 on CUDA where it can
     val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
     char_lengths = torch.tensor(tokenizer.char_lengths)

@@ -38,8 +38,9 @@ def damage(path, how):
     data = bytearray(path.read_bytes())
     if how == "truncated":
         data = data[:len(data) // 2]
-    else:  # one byte flipped in the middle, where tensors are stored
-        data[len(data) // 2] ^= 0xFF
+    else:  # one byte of the token embedding flipped (the file's middle may be padding, which nothing reads)
+        wte = torch.load(path, weights_only=True)["model"]["transformer.wte.weight"]
+        data[data.find(wte.numpy().tobytes()) + 10] ^= 0xFF
     path.write_bytes(bytes(data))
 
 

@@ -24,9 +24,12 @@ SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token
 
 
 def decoding(switches):
-    """(model, idx, w, cache): a small model with switches and larger weights, 12 random ids in each of
-    2 rows, its weights by name, and an empty cache for decode."""
+    """(model, idx, w, cache): a small model with switches and larger weights (and pair rows not hashed,
+    as a trained one has them), 12 random ids in each of 2 rows, its weights by name, and an empty
+    cache for decode."""
     model = larger_weights(small_model(**switches))
+    if model.config.bigram:
+        model.pair_index.random_(0, model.config.bigram)
     idx = torch.randint(0, 20, (2, 12))
     return model, idx, {name: t.detach() for name, t in model.state_dict().items()}, new_cache(model, 2, torch.empty(0))
 

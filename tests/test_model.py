@@ -6,7 +6,7 @@ from conftest import small_model
 import config
 import model
 from checkpoint import MODEL_KEYS
-from model import PAIR_HASH, GPT, CausalSelfAttention, GPTConfig, pair_rows
+from model import PAIR_HASH, GPT, CausalSelfAttention, GPTConfig, pair_index, pair_rows
 
 
 def test_default_model_has_the_reference_parameter_count():
@@ -55,16 +55,33 @@ def test_the_bigram_table_starts_at_zero_so_the_model_starts_as_the_plain_one():
 
 
 def test_a_pair_row_hashes_the_previous_and_current_id_and_a_window_start_has_no_previous():
-    config, h = GPTConfig(vocab_size=20, bigram=64), PAIR_HASH
-    rows = pair_rows(torch.tensor([[3, 5, 7]]), config)
+    index, h = pair_index(20, 64), PAIR_HASH
+    rows = pair_rows(torch.tensor([[3, 5, 7]]), index)
     assert rows.tolist() == [[(0 * h + 3) % 64, (4 * h + 5) % 64, (6 * h + 7) % 64]]
-    assert pair_rows(torch.tensor([[5]]), config, before=torch.tensor([[3]])).tolist() == [[(4 * h + 5) % 64]]
+    assert pair_rows(torch.tensor([[5]]), index, before=torch.tensor([[3]])).tolist() == [[(4 * h + 5) % 64]]
 
 
-def test_a_pairs_row_does_not_depend_on_the_vocabulary_size_which_fine_tuning_grows():
+def test_a_pairs_hashed_row_does_not_depend_on_the_vocabulary_size_which_fine_tuning_grows():
     idx = torch.tensor([[3, 5, 7]])
-    small, grown = GPTConfig(vocab_size=20, bigram=64), GPTConfig(vocab_size=24, bigram=64)
-    assert torch.equal(pair_rows(idx, small), pair_rows(idx, grown))
+    assert torch.equal(pair_rows(idx, pair_index(20, 64)), pair_rows(idx, pair_index(24, 64)))
+
+
+def test_the_commonest_pairs_get_a_row_each_commonest_first_and_the_rest_keep_their_hashed_rows():
+    counts = torch.zeros(21, 20)
+    counts[4, 5], counts[6, 7], counts[0, 3] = 9, 5, 7  # (3, 5), (5, 7), and 3 at a window's start
+    assert pair_rows(torch.tensor([[3, 5, 7]]), pair_index(20, 3, counts)).tolist() == [[1, 0, 2]]
+    two_rows, hashed = pair_index(20, 2, counts), pair_index(20, 2)
+    assert two_rows[6, 7] == hashed[6, 7]  # the third pair has no row of its own
+    assert torch.equal(two_rows[1:4], hashed[1:4])  # nor have the pairs that never occur
+
+
+def test_a_grown_vocabulary_keeps_the_old_pairs_rows_and_hashes_the_new_ones():
+    small = GPT(GPTConfig(vocab_size=20, bigram=64))
+    small.pair_index.copy_(pair_index(20, 64, torch.rand(21, 20)))
+    grown = GPT(GPTConfig(vocab_size=24, bigram=64))
+    index = model.grow_vocabulary(small.state_dict(), grown)["pair_index"]
+    assert torch.equal(index[:21, :20], small.pair_index)
+    assert torch.equal(index[21:], pair_index(24, 64)[21:]) and torch.equal(index[:, 20:], pair_index(24, 64)[:, 20:])
 
 
 def test_mlp_hidden_sets_the_hidden_width():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from collections import Counter
 
 import pytest
 
@@ -14,7 +15,7 @@ import data
 import train
 from config import UserError
 from conftest import TINY, assert_resume_is_exact, make_stories
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pair_index
 from tokenizer import Tokenizer
 
 
@@ -260,3 +261,23 @@ def test_bigram_lr_sets_the_pair_tables_learning_rate(stories_dir, tmp_path, big
     run(stories_dir, tmp_path, "--max_steps=3", "--bigram=64", f"--bigram_lr={bigram_lr}")
     table = checkpoint.load(checkpoint.paths(tmp_path)[0])["model"]["bigram.weight"]
     assert bool(table.abs().sum() > 0) == moves  # from zero: at rate 0 it stays there
+
+
+def test_a_fresh_run_gives_the_commonest_pairs_of_its_data_a_row_each(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2", "--bigram=64")
+    state = checkpoint.load(checkpoint.paths(tmp_path)[0])
+    stoi = Tokenizer.from_state_dict(state["tokenizer"]).stoi
+    texts = data.vocabulary_stories(str(stories_dir), config.TOKENIZER_STORIES)
+    pairs = Counter(pair for text in texts for pair in zip(text, text[1:])).most_common(32)
+    rows = [int(state["model"]["pair_index"][stoi[a] + 1, stoi[b]]) for (a, b), _ in pairs]
+    assert len(set(rows)) == 32  # hashed into 64 rows, 32 pairs would share some
+
+
+def test_a_checkpoint_from_before_the_pair_index_reads_hashed_rows(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2", "--bigram=64")
+    path = checkpoint.paths(tmp_path)[0]
+    state = checkpoint.load(path)
+    del state["model"]["pair_index"]
+    torch.save({**state, "checksum": checkpoint.checksum(state)}, path)
+    vocab = len(state["model"]["transformer.wte.weight"])
+    assert torch.equal(checkpoint.load(path)["model"]["pair_index"], pair_index(vocab, 64))

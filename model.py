@@ -38,10 +38,10 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     rope: bool = False  # rotary position embeddings on queries and keys instead of a learned wpe
-    swiglu: bool = False  # SwiGLU MLP of about the GELU MLP's parameter count
+    swiglu: bool = False  # a SwiGLU MLP instead of GELU; by default of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
-    mlp_hidden: int = 0  # hidden width of the GELU MLP; 0: 4 * n_embd
+    mlp_hidden: int = 0  # hidden width of the MLP; 0: 4 * n_embd (SwiGLU: 8/3 * n_embd)
     bigram: int = 0  # rows of a table of (previous, current) character pairs added to the input; 0: none
     key_offset: bool = False  # the first half of each head's key channels come from the position before
 
@@ -118,12 +118,12 @@ class MLP(nn.Module):
 
 class SwiGLU(nn.Module):
     """silu(x W) * (x V), projected back (Shazeer, GLU Variants Improve Transformer). Two input
-    matrices instead of one, so the hidden width is 2/3 of GELU's 4 * n_embd: about the same
-    parameters and work."""
+    matrices instead of one, so the hidden width is mlp_hidden, or else 2/3 of GELU's 4 * n_embd:
+    at the same width, about 3/2 of GELU's parameters and work."""
 
     def __init__(self, config):
         super().__init__()
-        self.hidden = 8 * config.n_embd // 3
+        self.hidden = config.mlp_hidden or 8 * config.n_embd // 3
         self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden)  # gate and value in one product
         self.c_proj = nn.Linear(self.hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)

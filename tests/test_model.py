@@ -89,6 +89,11 @@ def test_mlp_hidden_sets_the_hidden_width():
     assert model.transformer.h[0].mlp.c_fc.weight.shape == (24, 16)
 
 
+def test_mlp_hidden_sets_the_hidden_width_of_swiglu_too():
+    mlp = small_model(mlp_hidden=24, swiglu=True).transformer.h[0].mlp
+    assert mlp.c_fc.weight.shape == (2 * 24, 16) and mlp.c_proj.weight.shape == (16, 24)  # gate and value
+
+
 def test_key_offset_takes_the_first_half_of_each_keys_channels_from_the_position_before(monkeypatch):
     attn = CausalSelfAttention(GPTConfig(vocab_size=20, n_embd=8, n_head=2, key_offset=True))
     x = torch.randn(1, 4, 8)

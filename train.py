@@ -211,6 +211,8 @@ def start(cfg, world_size, out_dir):
         checkpoint.inherit(cfg, found[1], found[0])
     if found:
         path, state = found
+        if cfg["eval_only"]:  # a checkpoint is evaluated as it is, whatever shape the config gives
+            cfg.update(checkpoint.model_settings(state))
         checkpoint.check_resumable(state, path, cfg, world_size)
         return path, state, load_tokenizer(state["tokenizer"]), None, None
     if cfg["eval_only"]:

@@ -113,6 +113,12 @@ def test_eval_only_prints_the_validation_loss_of_the_newest_checkpoint(stories_d
                    f"val_tokens={final['val_tokens']}")
 
 
+def test_eval_only_evaluates_a_checkpoint_of_another_shape_than_the_configs(stories_dir, tmp_path, capsys):
+    run(stories_dir, tmp_path, "--max_steps=2", "--swiglu=False", "--n_head=4")
+    run(stories_dir, tmp_path, "--eval_only")
+    assert "val_loss=" in capsys.readouterr().out
+
+
 def test_eval_only_without_a_checkpoint_is_an_error(stories_dir, tmp_path):
     with pytest.raises(UserError, match="no checkpoint to evaluate"):
         run(stories_dir, tmp_path, "--eval_only")

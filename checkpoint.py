@@ -167,9 +167,11 @@ def load(path):
                         "train anew, or sample from it with that version")
     if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
-    weights = state["model"]
+    weights, args = state["model"], state["model_args"]
     if "bigram.weight" in weights and "pair_index" not in weights:  # written when every pair's row was hashed
         weights["pair_index"] = pair_index(len(weights["transformer.wte.weight"]), len(weights["bigram.weight"]))
+    if args.get("swiglu") and weights["transformer.h.0.mlp.c_proj.weight"].size(1) != args.get("mlp_hidden"):
+        args["mlp_hidden"] = 0  # written when SwiGLU was 8/3 n_embd wide whatever mlp_hidden said
     return state
 
 

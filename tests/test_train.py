@@ -287,3 +287,15 @@ def test_a_checkpoint_from_before_the_pair_index_reads_hashed_rows(stories_dir, 
     torch.save({**state, "checksum": checkpoint.checksum(state)}, path)
     vocab = len(state["model"]["transformer.wte.weight"])
     assert torch.equal(checkpoint.load(path)["model"]["pair_index"], pair_index(vocab, 64))
+
+
+def test_a_swiglu_checkpoint_from_before_mlp_hidden_set_its_width_samples_and_resumes(stories_dir, tmp_path):
+    run(stories_dir, tmp_path, "--max_steps=2", "--swiglu", "--mlp_hidden=0")  # 8/3 * 32 = 85 wide
+    path = checkpoint.paths(tmp_path)[0]
+    state = checkpoint.load(path)
+    state["model_args"]["mlp_hidden"] = 24  # what such a run recorded while SwiGLU ignored it
+    torch.save({**state, "checksum": checkpoint.checksum(state)}, path)
+    model = GPT(GPTConfig(**checkpoint.load(path)["model_args"]))
+    model.load_state_dict(checkpoint.load(path)["model"])
+    run(stories_dir, tmp_path, "--max_steps=3", "--swiglu", "--mlp_hidden=0")
+    assert checkpoint.paths(tmp_path)[0].name == "ckpt_00000003.pt"

@@ -255,8 +255,6 @@ def check_resumable(state, path, cfg, world_size):
             raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
                             f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
                             "--out_dir=<new folder> to train a new model")
-    if cfg["eval_only"]:
-        return
     if state["world_size"] != world_size:
         raise UserError(f"{path} was written by a run of {state['world_size']} processes, this one has "
                         f"{world_size}: resume it with as many (torchrun --nproc_per_node={state['world_size']}"

@@ -213,7 +213,8 @@ def start(cfg, world_size, out_dir):
         path, state = found
         if cfg["eval_only"]:  # a checkpoint is evaluated as it is, whatever shape the config gives
             cfg.update(checkpoint.model_settings(state))
-        checkpoint.check_resumable(state, path, cfg, world_size)
+        else:
+            checkpoint.check_resumable(state, path, cfg, world_size)
         return path, state, load_tokenizer(state["tokenizer"]), None, None
     if cfg["eval_only"]:
         raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import optim
 from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
 from device import autocast_for, compute_dtype, matmul_rate, pick_device, synchronize
-from generate import generate
+from generate import generate, static_step
 from model import GPT, GPTConfig, offset_keys
 from tokenizer import Tokenizer
 
@@ -103,6 +104,34 @@ def sample_rate(model, n, batch=1, use_cache=True, threads=1):
     seconds = best_of(3, lambda: generate(model, idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
     torch.set_num_threads(default_threads)
     return batch * n / seconds
+
+
+class Operations(TorchDispatchMode):
+    """Counts the tensor operations run under it that compute something: not views, nor a .to() that
+    returns its input. On a GPU each is a kernel launch (or a few) in the captured step."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        fresh = not isinstance(out, torch.Tensor) or out.untyped_storage().data_ptr() not in inputs
+        self.count += func._schema.is_mutable or fresh
+        return out
+
+
+@torch.inference_mode()
+def step_operations(model):
+    """Operations in one sampled character's step, generate.static_step's (what a CUDA graph replays)."""
+    w = {name: t.detach() for name, t in model.state_dict().items()}
+    step, _ = static_step(model, w, 1, 0.8, 20)
+    token, gen = torch.zeros(1, 1, dtype=torch.long, device=w["lm_head.weight"].device), torch.Generator()
+    token = step(token, token, 1, gen)
+    with Operations() as ops:
+        step(token, token, 2, gen)
+    return ops.count
 
 
 def loader_rate(cfg, tokenizer, batches=200):
@@ -219,6 +248,7 @@ def main(argv):
         f"{cached:,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)",
         f"{uncached:,.0f} char/s over {T - 1} ({cached / uncached:.2f}x)")
     row("sampling, --num_samples=16", f"{sample_rate(model, 500, batch=16):,.0f} char/s")
+    row("operations in one sampled character's step", f"{step_operations(model)} (the CUDA graph's kernels, about)")
     loader = loader_rate(cfg, tokenizer)
     row("loader (stream, tokenize, pack)", f"{loader:,.0f} char/s, {loader / ours:.0f}x what training consumes")
 

@@ -51,32 +51,35 @@ def decode(model, w, idx, start, cache, before=None):
                  else w["transformer.wpe.weight"].index_select(0, start))
     mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
     heads = (B, T, c.n_head, -1)  # a position's channels as n_head heads
-    x = mix(x, w.get("shift"), cache, 0, 2, start, heads)
+    # One character after others: what token_shift and key_offset keep in the cache, read at the
+    # position before in one operation for every layer (n_layer, B, n_head, slots, 1, head_dim),
+    # not one per slot: a captured step costs what its kernels do. None for a prompt.
+    earlier = [None] * c.n_layer
+    if (c.token_shift or c.key_offset) and not (sliced and start == 0):
+        earlier = cache.narrow(4, start - 1, 1) if sliced else cache.index_select(4, (start - 1).clamp(min=0))
+    x = mix(x, w.get("shift"), cache[0], earlier[0], 2, start, heads)
     if c.bigram:
         pairs = pair_rows(idx, w["pair_index"], None if sliced and start == 0 else before)
         x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        h = mix(h, w.get(p + "shift_1"), cache, i, 3, start, heads)
+        h = mix(h, w.get(p + "shift_1"), cache[i], earlier[i], 3, start, heads)
         qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
         qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
         if c.rope:
             qkv[:, :, :2] = block.attn.rotary(qkv[:, :, :2], start)
         if c.key_offset:
-            offset_cached(qkv.select(2, 1), cache[i].select(2, 2 + 3 * c.token_shift), start)
+            offset_cached(qkv.select(2, 1), cache[i], earlier[i], 2 + 3 * c.token_shift, start)
         # narrow and select rather than [...] indexing, which costs microseconds per slice
         kv = cache[i].narrow(2, 0, 2)
-        if sliced:
-            kv.narrow(3, start, T).copy_(qkv.narrow(2, 1, 2))  # copy_ casts to the cache's dtype
-            keys, values = kv.narrow(3, 0, start + T).unbind(2)
-        else:  # index_copy_ does not: under autocast qkv is bfloat16, the cache the weights' float32
-            keys, values = kv.index_copy_(3, start, qkv.narrow(2, 1, 2).to(kv.dtype)).unbind(2)
+        write(kv, start, qkv.narrow(2, 1, 2))
+        keys, values = (kv.narrow(3, 0, start + T) if sliced else kv).unbind(2)
         y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
         y = y.transpose(1, 2).reshape(B, T, c.n_embd)
         x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        h = mix(h, w.get(p + "shift_2"), cache, i, 4, start, heads)
+        h = mix(h, w.get(p + "shift_2"), cache[i], earlier[i], 4, start, heads)
         h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
         if c.swiglu:
             gate, value = h.chunk(2, dim=-1)
@@ -88,43 +91,40 @@ def decode(model, w, idx, start, cache, before=None):
     return F.linear(x, w["lm_head.weight"])
 
 
-def mix(h, share, cache, i, slot, start, heads):
+def mix(h, share, cache, earlier, slot, start, heads):
     """token_shift's h + share * (the previous position's h), for h (B, T, n_embd) at positions start
     .. start + T - 1 as in decode, heads its shape split into heads; h itself without token_shift
-    (share None). The slot of layer i's cache keeps each position's h after its keys and values, for
-    the characters of later calls."""
+    (share None). cache is a layer's (B, n_head, slots, block_size, head_dim): its slot keeps each
+    position's h, for the characters of later calls. earlier is the same at the position before
+    start (B, n_head, slots, 1, head_dim, read once by decode), None for a prompt."""
     if share is None:
         return h
-    sliced = isinstance(start, int)
-    kept = cache[i].select(2, slot)  # (B, n_head, block_size, head_dim)
-    if sliced and start == 0:  # a prompt
-        before = shifted(h)
-    else:  # one character, whose predecessor the cache holds
-        prev = kept.narrow(2, start - 1, 1) if sliced else kept.index_select(2, (start - 1).clamp(min=0))
-        before = prev.transpose(1, 2).flatten(2)
-    here = h.view(*heads).transpose(1, 2)  # unpacked: view reads ints faster than a tuple
-    if sliced:
-        kept.narrow(2, start, heads[1]).copy_(here)
-    else:  # cast as in decode: index_copy_ does not
-        kept.index_copy_(2, start, here.to(kept.dtype))
+    before = shifted(h) if earlier is None else earlier.select(2, slot).transpose(1, 2).flatten(2)
+    write(cache.select(2, slot), start, h.view(*heads).transpose(1, 2))  # unpacked: view reads ints faster
     return h + share * before
 
 
-def offset_cached(k, raw, start):
+def offset_cached(k, cache, earlier, slot, start):
     """key_offset's keys, as model.offset_keys makes them, in decode's form: the first half of each
     key's channels replaced, in k (B, n_head, T, head_dim) at positions start .. start + T - 1 as in
-    decode, by those of the key before it (zeros before position 0). raw, a slot of the cache, keeps
-    each position's key as computed, for later calls."""
-    sliced, half = isinstance(start, int), k.size(-1) // 2
-    if sliced:
-        raw.narrow(2, start, k.size(2)).copy_(k)
-    else:  # cast as in decode: index_copy_ does not
-        raw.index_copy_(2, start, k.to(raw.dtype))
-    if sliced and start == 0:  # a prompt
+    decode, by those of the key before it (zeros before position 0). The slot of cache keeps each
+    position's key as computed, for later calls; cache and earlier as in mix."""
+    raw, half = cache.select(2, slot), k.size(-1) // 2
+    write(raw, start, k)
+    if earlier is None:  # a prompt
         before = F.pad(raw.narrow(2, 0, k.size(2) - 1), (0, 0, 1, 0))
     else:
-        before = raw.narrow(2, start - 1, 1) if sliced else raw.index_select(2, (start - 1).clamp(min=0))
+        before = earlier.select(2, slot)
     k[..., :half] = before[..., :half]
+
+
+def write(cached, start, t):
+    """t (..., T, head_dim) into cached, a part of the cache of the same shape but block_size
+    positions, at positions start .. start + T - 1."""
+    if isinstance(start, int):
+        cached.narrow(-2, start, t.size(-2)).copy_(t)  # copy_ casts to the cache's dtype
+    else:  # index_copy_ does not: under autocast t is bfloat16, the cache the weights' float32
+        cached.index_copy_(cached.dim() - 2, start, t.to(cached.dtype))
 
 
 def static_step(model, w, batch, temperature, top_k, capture=None):

@@ -186,7 +186,8 @@ def pair_rows(idx, index, before=None):
     for the id before it and its own. The id before the first position is before (B, 1); None means
     a window's start, where none is in view."""
     before = idx.new_full((idx.size(0), 1), -1) if before is None else before
-    return index[torch.cat([before, idx[:, :-1]], 1) + 1, idx]
+    previous = before if idx.size(1) == 1 else torch.cat([before, idx[:, :-1]], 1)  # one id: no copy to make
+    return index[previous + 1, idx]
 
 
 class GPT(nn.Module):

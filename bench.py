@@ -127,7 +127,8 @@ def step_operations(model):
     """Operations in one sampled character's step, generate.static_step's (what a CUDA graph replays)."""
     w = {name: t.detach() for name, t in model.state_dict().items()}
     step, _ = static_step(model, w, 1, 0.8, 20)
-    token, gen = torch.zeros(1, 1, dtype=torch.long, device=w["lm_head.weight"].device), torch.Generator()
+    device = w["lm_head.weight"].device
+    token, gen = torch.zeros(1, 1, dtype=torch.long, device=device), torch.Generator(device)  # the draws' device
     token = step(token, token, 1, gen)
     with Operations() as ops:
         step(token, token, 2, gen)

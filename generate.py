@@ -45,6 +45,7 @@ def decode(model, w, idx, start, cache, before=None):
     c = model.config
     B, T = idx.shape
     sliced = isinstance(start, int)  # the cheaper form on the CPU: slices, and only the context so far
+    prompt = sliced and start == 0  # else one character, after those the cache holds
     x = w["transformer.wte.weight"][idx]
     if not c.rope:
         x = x + (w["transformer.wpe.weight"].narrow(0, start, T) if sliced
@@ -55,11 +56,11 @@ def decode(model, w, idx, start, cache, before=None):
     # position before in one operation for every layer (n_layer, B, n_head, slots, 1, head_dim),
     # not one per slot: a captured step costs what its kernels do. None for a prompt.
     earlier = [None] * c.n_layer
-    if (c.token_shift or c.key_offset) and not (sliced and start == 0):
+    if (c.token_shift or c.key_offset) and not prompt:
         earlier = cache.narrow(4, start - 1, 1) if sliced else cache.index_select(4, (start - 1).clamp(min=0))
     x = mix(x, w.get("shift"), cache[0], earlier[0], 2, start, heads)
     if c.bigram:
-        pairs = pair_rows(idx, w["pair_index"], None if sliced and start == 0 else before)
+        pairs = pair_rows(idx, w["pair_index"], None if prompt else before)
         x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."

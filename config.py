@@ -18,6 +18,7 @@ TOKENIZER = "char"  # char: one id per character; bpe: byte-level BPE of VOCAB_S
 VOCAB_SIZE = 512  # ids of the BPE tokenizer (bpe only; at least 257: every byte and the end of a story)
 TOKENIZER_STORIES = 10_000  # the vocabulary is built from this many first training stories, up to 16M characters
 HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training story is held out to validate on
+SHUFFLE = 0  # training reads the stories this many at a time, each run of them in a new random order every pass; 0: in order
 
 # --- model ---
 BLOCK_SIZE = 128  # tokens of context (characters, with the char tokenizer)

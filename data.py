@@ -30,6 +30,7 @@ PAD = -1  # fills the end of a window that the next story does not fit in; ignor
 PIECE = 1 << 16  # characters: the most text read from a .txt file, or turned into ids, at once
 HERE = Path(__file__).parent
 VOCABULARY_TEXT = 1 << 24  # characters: the vocabulary's stories are cut off after this much text
+SHUFFLE_TEXT = 1 << 24  # characters: the most text that Batches reads ahead to shuffle
 
 
 def open_split(dataset, split, rank=0, world_size=1):
@@ -201,17 +202,29 @@ class Batches:
     buffer as it is read rather than once it ends. So memory and the state stay small whatever the
     length of a line or a story; only a row, which datasets reads whole, is held whole.
 
+    With shuffle above 1, rows are read shuffle at a time (fewer once they hold SHUFFLE_TEXT
+    characters) and handed on in a random order of their own, drawn anew for each such run of rows
+    in each epoch from seed: the windows and the batches they make differ from pass to pass. Rows
+    are then whole stories, as in the hub's layout, and keep must be None: a held-out story is
+    counted in the stored order. Otherwise rows go on in the stored order, one at a time.
+
     The state is the dataset's own stream position (its state_dict, a shard and a row within it,
-    and the number of shards) plus what has been read and not yet batched: the ids in the buffer,
-    the pieces in the queue, and the held-back end of the story being read.
+    and the number of shards) at the first of the rows in hand, their order and how many of them
+    were handed on, plus what has been read and not yet batched: the ids in the buffer, the pieces
+    in the queue, and the held-back end of the story being read.
     """
 
-    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False):
+    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
+        assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
         self.ds, self.tokenizer, self.lines, self.keep, self.once = ds, tokenizer, lines, keep, once
         self.size = (batch_size, block_size + 1)
+        self.shuffle, self.seed = max(shuffle, 1), seed
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
-        self.rewound = False  # at the start of an epoch, which ds.state_dict() says only once a row is read
+        # The rows in hand, read from position `at` on (ds.state_dict() tells a position only once a row
+        # is read from it, so it is kept here), their order, and how many were handed on; refill: to read again.
+        self.at = self.chunk_at = self.start
+        self.chunk, self.order, self.taken, self.refill, self.chunks = [], [], 0, False, 0
         self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
         self.epoch, self.story, self.epoch_ids = 0, 0, 0
 
@@ -234,25 +247,58 @@ class Batches:
         return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
 
     def _read_row(self):
-        if self.rows is None:
-            self.rows = iter(self.ds)
-        try:
-            row = next(self.rows, None)
-        except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
-            raise UserError(f"the data stopped coming ({type(e).__name__}: {e}); the checkpoints saved so far are "
-                            "intact: run the same command again to resume once the data can be read") from e
-        if row is None:  # the end of the data: finish its last story, begin the next epoch
+        if self.refill:  # resumed: the rows in hand when the state was saved, read again
+            self.chunk, self.refill = self._read_rows(len(self.order)), False
+        if self.taken == len(self.order):
+            self._read_chunk()
+        if not self.order:  # the end of the data: finish its last story, begin the next epoch
             self._add(self.rest, ends=True)
             if self.epoch_ids == 0:
                 raise EmptyData("the data holds no text to train on")
-            self.rows, self.rest, self.story, self.epoch_ids = None, "", 0, 0
+            self.rows, self.rest, self.story, self.epoch_ids, self.chunks = None, "", 0, 0, 0
             self.epoch += 1
             self.ds.load_state_dict(self.start)
-            self.rewound = True
+            self.at = self.chunk_at = self.start
             return
-        self.rewound = False
+        i = self.order[self.taken]
+        row, self.chunk[i] = self.chunk[i], None  # handed on: held only in the queue now
+        self.taken += 1
         text = row_text(row, self.lines)
         self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+
+    def _read_chunk(self):
+        """The next self.shuffle rows, or fewer where they reach SHUFFLE_TEXT characters or the data
+        ends, and the order to hand them on in: random with shuffle, else as stored."""
+        self.chunk_at = self.at
+        self.chunk = self._read_rows(self.shuffle, SHUFFLE_TEXT)
+        n, self.taken = len(self.chunk), 0
+        self.order = list(range(n))
+        if self.shuffle > 1 and n > 1:
+            # A generator of its own, seeded by the run's seed, the epoch and the run of rows: the order
+            # depends on nothing else (not on the global random state that training draws from).
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63)
+            self.order = torch.randperm(n, generator=g).tolist()
+        self.chunks += 1
+
+    def _read_rows(self, n, limit=float("inf")):
+        """Up to n rows from position self.at on (fewer at the end of the data or at limit characters);
+        self.at then moves past them."""
+        if self.rows is None:
+            self.rows = iter(self.ds)
+        rows, size = [], 0
+        try:
+            while len(rows) < n and size < limit:
+                row = next(self.rows, None)
+                if row is None:
+                    break
+                rows.append(row)
+                size += len(row.get("text") or "")
+        except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
+            raise UserError(f"the data stopped coming ({type(e).__name__}: {e}); the checkpoints saved so far are "
+                            "intact: run the same command again to resume once the data can be read") from e
+        if rows:
+            self.at = self.ds.state_dict()
+        return rows
 
     def _add_text(self, text):
         """Add the stories that text ends, and the start of the one it leaves unfinished once that is
@@ -292,7 +338,8 @@ class Batches:
             self.rows.close()
 
     def state_dict(self):
-        return {"dataset": self.start if self.rewound else self.ds.state_dict(), "shards": self.ds.num_shards,
+        return {"dataset": self.chunk_at, "order": list(self.order), "taken": self.taken, "chunks": self.chunks,
+                "shards": self.ds.num_shards,
                 "buffer": list(self.buffer), "queue": list(self.queue), "rest": self.rest, "open": self.open,
                 "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
 
@@ -311,6 +358,10 @@ class Batches:
                             "read .txt files otherwise: resume with that version, or train anew in another "
                             "--out_dir")
         self.ds.load_state_dict(state["dataset"])
+        # A state saved before rows were read ahead is the position after the row in hand: no rows to read again.
+        self.at = self.chunk_at = state["dataset"]
+        self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
+        self.refill = bool(self.order)
         self.buffer, self.rest = list(state["buffer"]), state["rest"]
         self.queue, self.open = list(state.get("queue", [])), state.get("open", False)  # older states lack them
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
@@ -325,11 +376,16 @@ def target_counts(y, char_lengths):
 
 
 def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
-    """The training stream of cfg's dataset, without the held-out stories if held_out."""
-    every = cfg["holdout_every"]
+    """The training stream of cfg's dataset, without the held-out stories if held_out; shuffled SHUFFLE
+    rows at a time where rows are stories (not a .txt file's lines) and none are held out."""
+    every, lines = cfg["holdout_every"], is_line_based(cfg["dataset"])
+    shuffle = 0 if held_out or lines else cfg["shuffle"]
+    if shuffle != cfg["shuffle"] and cfg["shuffle"] > 1:
+        print(f"note: training reads the stories in their stored order: SHUFFLE takes whole stories, "
+              f"{'not the lines of a .txt file' if lines else 'none of them held out'}")
     return Batches(open_split(cfg["dataset"], "train", rank, world_size), tokenizer, cfg["batch_size"],
-                   cfg["block_size"], is_line_based(cfg["dataset"]),
-                   (lambda i: not is_held_out(i, every)) if held_out else None)
+                   cfg["block_size"], lines, (lambda i: not is_held_out(i, every)) if held_out else None,
+                   shuffle=shuffle, seed=cfg["seed"])
 
 
 def validation_batches(cfg, tokenizer, rank=0, world_size=1):

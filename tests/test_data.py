@@ -85,6 +85,66 @@ def test_a_resume_across_an_epoch_boundary_continues_the_stream(tmp_path):
     assert ids == (stream(stories, tok) * 10)[:len(ids)]
 
 
+def epochs_of_stories(ids, n):
+    """The stories in ids (EOS story EOS story ...), as tuples of ids, in epochs of n stories."""
+    found = []
+    for i in ids:
+        if i == EOS:
+            found.append([])
+        else:
+            found[-1].append(i)
+    found = [tuple(s) for s in found[:len(found) // n * n]]
+    return [found[i:i + n] for i in range(0, len(found), n)]
+
+
+def test_shuffled_batches_take_every_story_once_an_epoch_in_a_new_order(stories_dir):
+    stories = make_stories(300, 0)
+    tok = Tokenizer.from_texts(stories)
+    batches = Batches(open_split(str(stories_dir), "train"), tok, batch_size=8, block_size=100, shuffle=64)
+    epochs = epochs_of_stories(windows(batches, 1300), len(stories))[:3]
+    stored = [tuple(tok.encode(s)) for s in stories]
+    assert len(epochs) == 3
+    assert all(sorted(epoch) == sorted(stored) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs} | {tuple(stored)}) == 4  # each its own order
+    # in runs of 64 stories: the first 64 of an epoch are the first 64 stored, in another order
+    assert all(sorted(epoch[:64]) == sorted(stored[:64]) for epoch in epochs)
+
+
+def test_the_shuffled_order_is_the_seeds(stories_dir):
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+
+    def first(seed):
+        return windows(Batches(open_split(str(stories_dir), "train"), tok, 4, 100, shuffle=64, seed=seed), 30)
+    assert first(1) == first(1) != first(2)
+
+
+def test_a_shuffled_stream_resumes_exactly(stories_dir):
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+
+    def shuffled():
+        return Batches(open_split(str(stories_dir), "train"), tok, batch_size=4, block_size=100, shuffle=64)
+    whole = windows(shuffled(), 700)  # past the end of the first epoch
+    for stop in (1, 37, 200, 633):  # within the first run of rows, later ones, the second epoch
+        first = shuffled()
+        ids = windows(first, stop)
+        resumed = shuffled()
+        resumed.load_state_dict(first.state_dict())
+        ids += windows(resumed, 700 - stop)
+        assert ids == whole, f"resumed after {stop} batches"
+
+
+def test_training_reads_held_out_data_and_txt_lines_in_their_stored_order(stories_dir, tmp_path, capsys):
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+    cfg = {"dataset": str(stories_dir), "holdout_every": 20, "shuffle": 64, "seed": 0, "batch_size": 4,
+           "block_size": 100}
+    assert data.training_batches(cfg, tok, held_out=False).shuffle == 64
+    assert data.training_batches(cfg, tok, held_out=True).shuffle == 1
+    assert "none of them held out" in capsys.readouterr().out
+    (tmp_path / "lines.txt").write_text("One line.\nAnother line.\n")
+    assert data.training_batches({**cfg, "dataset": str(tmp_path / "lines.txt")}, tok, held_out=True).shuffle == 1
+    assert "not the lines of a .txt file" in capsys.readouterr().out
+
+
 def test_a_position_saved_between_the_end_of_the_data_and_the_next_row_resumes_at_the_next_epoch(tmp_path):
     text = "Q: Where does Zoe live? A: In Geneva, by the lake."  # one row: every other batch ends an epoch
     path = tmp_path / "one.txt"

@@ -18,7 +18,7 @@ TOKENIZER = "char"  # char: one id per character; bpe: byte-level BPE of VOCAB_S
 VOCAB_SIZE = 512  # ids of the BPE tokenizer (bpe only; at least 257: every byte and the end of a story)
 TOKENIZER_STORIES = 10_000  # the vocabulary is built from this many first training stories, up to 16M characters
 HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training story is held out to validate on
-SHUFFLE = 0  # training reads the stories this many at a time, each run of them in a new random order every pass; 0: in order
+SHUFFLE = 10_000  # training reads the stories this many at a time, each run of them in a new random order every pass; 0: in order
 
 # --- model ---
 BLOCK_SIZE = 128  # tokens of context (characters, with the char tokenizer)
@@ -35,7 +35,7 @@ BIGRAM = 512  # rows of a learned table of (previous, current) character pairs a
 KEY_OFFSET = True  # attention's keys take the first half of each head's channels from the position before
 
 # --- training ---
-MAX_STEPS = 5458  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 5200  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory
@@ -44,7 +44,7 @@ MIN_LR = 0.0  # the decay ends here at MAX_STEPS
 WARMUP_STEPS = 100  # linear warmup from 0 to LEARNING_RATE
 COOLDOWN = 0.6  # 0: cosine decay to MIN_LR; else hold LEARNING_RATE, then decay linearly over this last fraction
 MUON = True  # Muon for the blocks' matrices (AdamW for embeddings, head, biases and norms); False: AdamW for all
-WEIGHT_DECAY = 0.0  # decoupled decay on matrices and embeddings (not biases or norms), both optimizers
+WEIGHT_DECAY = 0.02  # decoupled decay on matrices and embeddings (not biases or norms), both optimizers
 BETA1 = 0.8  # AdamW first-moment decay
 BETA2 = 0.95  # AdamW second-moment decay
 ADAM_EPS = 1e-10  # AdamW's term that keeps a tiny second moment from blowing up a step

@@ -169,7 +169,8 @@ def test_a_hub_that_stops_answering_mid_run_is_a_clear_error_and_keeps_the_last_
         return saved[-1]
 
     monkeypatch.setattr(checkpoint, "save", save_then_stop_the_hub)
-    args = ["--max_steps=12", "--checkpoint_interval=2", "--batch_size=32"]
+    # a few stories read ahead at a time, so the run needs the hub again soon after the first checkpoint
+    args = ["--max_steps=12", "--checkpoint_interval=2", "--batch_size=32", "--shuffle=8"]
     with pytest.raises(UserError, match="the data stopped coming .*run the same command again") as stopped:
         run(tmp_path, *args)
     assert "\n" not in str(stopped.value)

@@ -221,8 +221,10 @@ class Batches:
         self.shuffle, self.seed = max(shuffle, 1), seed
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
-        # The rows in hand, read from position `at` on (ds.state_dict() tells a position only once a row
-        # is read from it, so it is kept here), their order, and how many were handed on; refill: to read again.
+        # Positions are kept here, as ds.state_dict() tells one only once a row is read from it: chunk_at,
+        # where the rows in hand begin; at, past the rows read. Then the rows in hand, their order, how
+        # many were handed on, whether to read them again (after a resume), and how many runs of rows
+        # this epoch has read.
         self.at = self.chunk_at = self.start
         self.chunk, self.order, self.taken, self.refill, self.chunks = [], [], 0, False, 0
         self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer

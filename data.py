@@ -222,11 +222,11 @@ class Batches:
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
         # Positions are kept here, as ds.state_dict() tells one only once a row is read from it: chunk_at,
-        # where the rows in hand begin; at, past the rows read. Then the rows in hand, their order, how
-        # many were handed on, whether to read them again (after a resume), and how many runs of rows
+        # where the rows in hand begin; at, past the rows read. Then the rows in hand (a resume has their
+        # order but not yet the rows), their order, how many were handed on, and how many runs of rows
         # this epoch has read.
         self.at = self.chunk_at = self.start
-        self.chunk, self.order, self.taken, self.refill, self.chunks = [], [], 0, False, 0
+        self.chunk, self.order, self.taken, self.chunks = [], [], 0, 0
         self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
         self.epoch, self.story, self.epoch_ids = 0, 0, 0
 
@@ -249,8 +249,8 @@ class Batches:
         return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
 
     def _read_row(self):
-        if self.refill:  # resumed: the rows in hand when the state was saved, read again
-            self.chunk, self.refill = self._read_rows(len(self.order)), False
+        if len(self.chunk) < len(self.order):  # resumed: the rows in hand when the state was saved, read again
+            self.chunk = self._read_rows(len(self.order))
         if self.taken == len(self.order):
             self._read_chunk()
         if not self.order:  # the end of the data: finish its last story, begin the next epoch
@@ -363,7 +363,7 @@ class Batches:
         # A state saved before rows were read ahead is the position after the row in hand: no rows to read again.
         self.at = self.chunk_at = state["dataset"]
         self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
-        self.refill = bool(self.order)
+        self.chunk = []  # read again when first needed
         self.buffer, self.rest = list(state["buffer"]), state["rest"]
         self.queue, self.open = list(state.get("queue", [])), state.get("open", False)  # older states lack them
         self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from model import pair_rows, shifted
+from model import pair_rows, share_names, shifted
 
 # generate looks for the end of a story every this many characters: each look waits for the device.
 EOS_CHECK = 32
@@ -53,19 +53,28 @@ def decode(model, w, idx, start, cache, before=None):
     mask = None if sliced else (torch.arange(c.block_size, device=idx.device) <= start).view(1, 1, 1, -1)
     heads = (B, T, c.n_head, -1)  # a position's channels as n_head heads
     # One character after others: what token_shift and key_offset keep in the cache, read at the
-    # position before in one operation for every layer (n_layer, B, n_head, slots, 1, head_dim),
-    # not one per slot: a captured step costs what its kernels do. None for a prompt.
-    earlier = [None] * c.n_layer
+    # reach positions before (shift_reach's; zeros before position 0) in one operation for every
+    # layer (n_layer, B, n_head, slots, reach, head_dim), not one per slot: a captured step costs
+    # what its kernels do. None for a prompt.
+    earlier, reach = [None] * c.n_layer, c.shift_reach if c.token_shift else 1
     if (c.token_shift or c.key_offset) and not prompt:
-        earlier = cache.narrow(4, start - 1, 1) if sliced else cache.index_select(4, (start - 1).clamp(min=0))
-    x = mix(x, w.get("shift"), cache[0], earlier[0], 2, start, heads)
+        if sliced:
+            earlier = cache.narrow(4, max(start - reach, 0), min(start, reach))
+            earlier = F.pad(earlier, (0, 0, reach - earlier.size(4), 0)) if start < reach else earlier
+        else:
+            at = start - reach + torch.arange(reach, device=start.device)
+            earlier = cache.index_select(4, at.clamp(min=0))
+            if reach > 1:  # a graph replays one step for every position: the zeros before 0 by a mask
+                earlier = earlier * (at >= 0).view(-1, 1).to(earlier.dtype)
+    x = mix(x, [w[name] for name in share_names(c, ["shift"])[0]], cache[0], earlier[0], 2, start, heads)
     if c.bigram:
         pairs = pair_rows(idx, w["pair_index"], None if prompt else before)
         x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        h = mix(h, w.get(p + "shift_1"), cache[i], earlier[i], 3, start, heads)
+        shares = [[w[name] for name in site] for site in share_names(c, [p + "shift_1", p + "shift_2"])]
+        h = mix(h, shares[0], cache[i], earlier[i], 3, start, heads)
         qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
         qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
         if c.rope:
@@ -77,10 +86,13 @@ def decode(model, w, idx, start, cache, before=None):
         write(kv, start, qkv.narrow(2, 1, 2))
         keys, values = (kv.narrow(3, 0, start + T) if sliced else kv).unbind(2)
         y = F.scaled_dot_product_attention(qkv.select(2, 0), keys, values, attn_mask=mask, is_causal=T > 1)
+        if c.attn_gate:
+            gate = torch.sigmoid(F.linear(h, w[p + "attn.c_gate.weight"], w[p + "attn.c_gate.bias"]))
+            y = y * gate.transpose(1, 2).unsqueeze(-1)
         y = y.transpose(1, 2).reshape(B, T, c.n_embd)
         x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        h = mix(h, w.get(p + "shift_2"), cache[i], earlier[i], 4, start, heads)
+        h = mix(h, shares[1], cache[i], earlier[i], 4, start, heads)
         h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
         if c.swiglu:
             gate, value = h.chunk(2, dim=-1)
@@ -92,17 +104,23 @@ def decode(model, w, idx, start, cache, before=None):
     return F.linear(x, w["lm_head.weight"])
 
 
-def mix(h, share, cache, earlier, slot, start, heads):
-    """token_shift's h + share * (the previous position's h), for h (B, T, n_embd) at positions start
-    .. start + T - 1 as in decode, heads its shape split into heads; h itself without token_shift
-    (share None). cache is a layer's (B, n_head, slots, block_size, head_dim): its slot keeps each
-    position's h, for the characters of later calls. earlier is the same at the position before
-    start (B, n_head, slots, 1, head_dim, read once by decode), None for a prompt."""
-    if share is None:
+def mix(h, shares, cache, earlier, slot, start, heads):
+    """token_shift's h + shares[k - 1] * (h k positions before), as model.mix, for h (B, T, n_embd) at
+    positions start .. start + T - 1 as in decode, heads its shape split into heads; h itself without
+    token_shift (no shares). cache is a layer's (B, n_head, slots, block_size, head_dim): its slot keeps
+    each position's h, for the characters of later calls. earlier is the same at the reach positions
+    before start (B, n_head, slots, reach, head_dim, read once by decode), None for a prompt."""
+    if not shares:
         return h
-    before = shifted(h) if earlier is None else earlier.select(2, slot).transpose(1, 2).flatten(2)
     write(cache.select(2, slot), start, h.view(*heads).transpose(1, 2))  # unpacked: view reads ints faster
-    return h + share * before
+    out = h
+    for k, share in enumerate(shares, 1):
+        if earlier is None:
+            back = shifted(h, k)
+        else:
+            back = earlier.select(2, slot).narrow(2, earlier.size(3) - k, 1).transpose(1, 2).flatten(2)
+        out = out + share * back
+    return out
 
 
 def offset_cached(k, cache, earlier, slot, start):
@@ -116,6 +134,7 @@ def offset_cached(k, cache, earlier, slot, start):
         before = F.pad(raw.narrow(2, 0, k.size(2) - 1), (0, 0, 1, 0))
     else:
         before = earlier.select(2, slot)
+        before = before.narrow(2, before.size(2) - 1, 1)  # the position just before
     k[..., :half] = before[..., :half]
 
 

@@ -3,18 +3,22 @@ LayerNorm and an untied linear head. Plain nn.Module, no framework.
 
 Switches, all off in GPTConfig, the reference architecture: rotary position embeddings instead of
 learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the token
-embedding's weights (tie_weights), the MLP's hidden width (mlp_hidden), and three that hand the one
-block what it cannot easily find through attention's averages:
+embedding's weights (tie_weights), the MLP's hidden width (mlp_hidden), a gate on each attention
+head's output (attn_gate: a sigmoid of a learned n_embd -> n_head projection of the sublayer's
+input, so that a head can add nothing where its average has nothing to say), and three that hand
+the one block what it cannot easily find through attention's averages:
 - token shift (token_shift, RWKV's name for it): each position's embedding, and the input of each
-  sublayer, gets a learned per-channel share of the previous position's added; n_embd parameters
-  at the embedding and 2 x n_embd per block;
+  sublayer, gets a learned per-channel share of the previous position's added, and with
+  shift_reach k of each of the k positions before; k x n_embd parameters at the embedding and
+  2k x n_embd per block;
 - a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
   current) characters, added to the input, so the block starts from the pair, not from the two
   characters apart; the commonest pairs of the training data get a row each (pair_index);
 - key offset (key_offset): the first half of each head's key channels are the previous position's,
   so a query can match the character before a position and read the one at it: in one layer, the
   copying of a name seen earlier that otherwise takes two (an induction head).
-The speedrun's recipe in config.py turns the three on (docs/speedrun.md says why, with the screens).
+The speedrun's recipe in config.py turns the three and the gate on, token shift reaching two
+positions back (docs/speedrun.md says why, with the screens).
 
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
 kernel on CPU and GPU. Sampling runs generate.py's decode, the same pass written again over
@@ -41,9 +45,11 @@ class GPTConfig:
     swiglu: bool = False  # a SwiGLU MLP instead of GELU; by default of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
+    shift_reach: int = 1  # token shift's reach: the shares of this many positions before are added
     mlp_hidden: int = 0  # hidden width of the MLP; 0: 4 * n_embd (SwiGLU: 8/3 * n_embd)
     bigram: int = 0  # rows of a table of (previous, current) character pairs added to the input; 0: none
     key_offset: bool = False  # the first half of each head's key channels come from the position before
+    attn_gate: bool = False  # each head's output scaled by a sigmoid of a learned projection of its input
 
 
 class Rotary(nn.Module):
@@ -79,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one product
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_gate = nn.Linear(config.n_embd, config.n_head) if config.attn_gate else None
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
         self.key_offset = config.key_offset
 
@@ -92,6 +99,8 @@ class CausalSelfAttention(nn.Module):
             k = offset_keys(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
+        if self.c_gate is not None:
+            y = y * torch.sigmoid(self.c_gate(x)).transpose(1, 2).unsqueeze(-1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -140,25 +149,37 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
-        self.token_shift = config.token_shift
-        if config.token_shift:  # per channel, the share of the previous position's input; from 0
-            self.shift_1 = nn.Parameter(torch.zeros(config.n_embd))
-            self.shift_2 = nn.Parameter(torch.zeros(config.n_embd))
+        # Per channel, the shares of the positions before in each sublayer's input, from 0: shift_1 and
+        # shift_2 for the one before, shift_1_back2 and shift_2_back2 for the one two before, ...
+        self.shares = share_names(config, ("shift_1", "shift_2"))
+        for name in [name for position in zip(*self.shares) for name in position]:
+            setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
 
     def forward(self, x):
-        h = self.ln_1(x)
-        if self.token_shift:
-            h = h + self.shift_1 * shifted(h)
+        h = mix(self.ln_1(x), [getattr(self, name) for name in self.shares[0]])
         x = x + self.attn(h)
-        h = self.ln_2(x)
-        if self.token_shift:
-            h = h + self.shift_2 * shifted(h)
+        h = mix(self.ln_2(x), [getattr(self, name) for name in self.shares[1]])
         return x + self.mlp(h)
 
 
-def shifted(x):
-    """x (B, T, C) moved one position later: position t holds x[:, t - 1], position 0 zeros."""
-    return F.pad(x, (0, 0, 1, 0))[:, :-1]
+def share_names(config, sites):
+    """token_shift's parameter names, [[site's share of the position before, of the one two before,
+    ...] for each site]; empty lists without token_shift."""
+    reach = config.shift_reach if config.token_shift else 0
+    return [[site + (f"_back{k}" if k > 1 else "") for k in range(1, reach + 1)] for site in sites]
+
+
+def mix(x, shares):
+    """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k."""
+    out = x
+    for k, share in enumerate(shares, 1):
+        out = out + share * shifted(x, k)
+    return out
+
+
+def shifted(x, k=1):
+    """x (B, T, C) moved k positions later: position t holds x[:, t - k], the first k positions zeros."""
+    return F.pad(x, (0, 0, k, 0))[:, :-k]
 
 
 # Odd, and much larger than any vocabulary: (a + 1) * PAIR_HASH + b gives distinct pairs distinct
@@ -209,8 +230,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        if config.token_shift:
-            self.shift = nn.Parameter(torch.zeros(config.n_embd))
+        self.shares = share_names(config, ["shift"])[0]  # the embedding's shares, as the blocks'
+        for name in self.shares:
+            setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, p in self.named_parameters():
@@ -247,8 +269,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if not self.config.rope:
             x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
-        if self.config.token_shift:
-            x = x + self.shift * shifted(x)
+        x = mix(x, [getattr(self, name) for name in self.shares])
         if self.config.bigram:
             x = x + self.bigram(pair_rows(idx, self.pair_index))
         x = self.transformer.drop(x)

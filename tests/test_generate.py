@@ -20,7 +20,9 @@ def larger_weights(model):
 
 # small_model has two blocks: each switch is held to forward across n_layer > 1 too.
 SWITCHES = [{}, {"rope": True}, {"swiglu": True}, {"tie_weights": True}, {"token_shift": True}, {"mlp_hidden": 24},
-            {"bigram": 64}, {"key_offset": True}, {"key_offset": True, "rope": True, "token_shift": True}]
+            {"bigram": 64}, {"key_offset": True}, {"key_offset": True, "rope": True, "token_shift": True},
+            {"token_shift": True, "shift_reach": 2}, {"attn_gate": True},
+            {"token_shift": True, "shift_reach": 3, "key_offset": True, "attn_gate": True}]
 
 
 def decoding(switches):
@@ -53,6 +55,18 @@ def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(swit
         decode(model, w, idx[:, :5], 0, cache)
         for t in range(6, 13):
             logits = decode(model, w, idx[:, t - 1:t], torch.tensor([t - 1]), cache, idx[:, t - 2:t - 1])
+            torch.testing.assert_close(logits, model(idx[:, :t])[0])
+
+
+@pytest.mark.parametrize("at_tensor", [False, True], ids=["sliced", "position-tensor"])
+def test_decoding_after_a_prompt_shorter_than_the_shift_reach_gives_the_logits_of_the_forward_pass(at_tensor):
+    # The positions before the first are zeros, as model.shifted has them, in both forms of a step.
+    model, idx, w, cache = decoding({"token_shift": True, "shift_reach": 3, "key_offset": True})
+    with torch.no_grad():
+        decode(model, w, idx[:, :1], 0, cache)
+        for t in range(2, 6):
+            start = torch.tensor([t - 1]) if at_tensor else t - 1
+            logits = decode(model, w, idx[:, t - 1:t], start, cache, idx[:, t - 2:t - 1])
             torch.testing.assert_close(logits, model(idx[:, :t])[0])
 
 

@@ -23,6 +23,39 @@ def test_token_shift_starts_as_the_plain_model_its_shares_at_zero():
     torch.testing.assert_close(small_model(token_shift=True)(idx, idx), small_model()(idx, idx), rtol=0, atol=0)
 
 
+def test_each_position_of_shift_reach_adds_one_share_per_channel_at_the_embedding_and_each_sublayer():
+    once, thrice = small_model(token_shift=True).num_params(), small_model(token_shift=True, shift_reach=3).num_params()
+    assert thrice - once == 2 * (1 + 2 * 2) * 16
+
+
+def test_a_longer_shift_reach_starts_as_the_plain_model_its_shares_at_zero():
+    idx = torch.randint(0, 20, (2, 16))
+    reaching = small_model(token_shift=True, shift_reach=3)
+    torch.testing.assert_close(reaching(idx, idx), small_model()(idx, idx), rtol=0, atol=0)
+
+
+def test_mix_adds_each_share_times_the_position_that_many_before():
+    x, near, far = torch.randn(2, 5, 3), torch.randn(3), torch.randn(3)
+    mixed = model.mix(x, [near, far])
+    torch.testing.assert_close(mixed[:, 0], x[:, 0])
+    torch.testing.assert_close(mixed[:, 1], x[:, 1] + near * x[:, 0])
+    torch.testing.assert_close(mixed[:, 4], x[:, 4] + near * x[:, 3] + far * x[:, 2])
+
+
+def test_the_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_sublayers_input():
+    torch.manual_seed(0)
+    plain, gated = (CausalSelfAttention(GPTConfig(vocab_size=20, n_embd=8, n_head=2, attn_gate=on)) for on in (0, 1))
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        gated.c_gate.weight.zero_()
+        gated.c_gate.bias.fill_(30.0)  # a gate all open: the plain attention
+        torch.testing.assert_close(gated(x), plain(x))
+        gated.c_gate.bias.copy_(torch.tensor([30.0, -30.0]))  # the second head shut: its channels add nothing
+        plain.c_proj.weight[:, 4:] = 0
+        torch.testing.assert_close(gated(x), plain(x))
+
+
 def test_training_forward_returns_logits_for_every_position_and_a_loss():
     model = small_model()
     idx = torch.randint(0, 20, (3, 16))

@@ -55,7 +55,7 @@ def settings(argv):
     cfg = config.load(argv, __doc__, READS)
     positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
                 "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
-                "keep_checkpoints", "tokenizer_stories", "holdout_every", "adam_eps"]
+                "keep_checkpoints", "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach"]
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, not {cfg[key]}")

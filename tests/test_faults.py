@@ -325,6 +325,7 @@ def test_debug_shows_the_traceback():
     (["--n_embd=100", "--n_head=3"], "does not split into --n_head=3 heads"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
+    (["--shift_reach=0"], "--shift_reach must be positive"),
     (["--dropout=1.5"], "--dropout, --beta1 and --beta2"),
     (["--max_steps=50", "--warmup_steps=100"], "longer than the run"),
     (["--max_steps=ten"], "takes an int"),

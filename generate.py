@@ -12,7 +12,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from model import pair_rows, share_names, shifted
+from model import pair_rows, shifted
 
 # generate looks for the end of a story every this many characters: each look waits for the device.
 EOS_CHECK = 32
@@ -66,14 +66,14 @@ def decode(model, w, idx, start, cache, before=None):
             earlier = cache.index_select(4, at.clamp(min=0))
             if reach > 1:  # a graph replays one step for every position: the zeros before 0 by a mask
                 earlier = earlier * (at >= 0).view(-1, 1).to(earlier.dtype)
-    x = mix(x, [w[name] for name in share_names(c, ["shift"])[0]], cache[0], earlier[0], 2, start, heads)
+    x = mix(x, [w[name] for name in model.shares], cache[0], earlier[0], 2, start, heads)
     if c.bigram:
         pairs = pair_rows(idx, w["pair_index"], None if prompt else before)
         x = x + w["bigram.weight"][pairs]
     for i, block in enumerate(model.transformer.h):
         p = f"transformer.h.{i}."
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        shares = [[w[name] for name in site] for site in share_names(c, [p + "shift_1", p + "shift_2"])]
+        shares = [[w[p + name] for name in site] for site in block.shares]  # each sublayer's, as model.Block's
         h = mix(h, shares[0], cache[i], earlier[i], 3, start, heads)
         qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
         qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from model import pair_rows, shifted
+from model import Mix, pair_rows
 
 # generate looks for the end of a story every this many characters: each look waits for the device.
 EOS_CHECK = 32
@@ -113,13 +113,12 @@ def mix(h, shares, cache, earlier, slot, start, heads):
     if not shares:
         return h
     write(cache.select(2, slot), start, h.view(*heads).transpose(1, 2))  # unpacked: view reads ints faster
+    if earlier is None:  # a prompt: the positions before are its own
+        return Mix.apply(h, *shares)
     out = h
-    for k, share in enumerate(shares, 1):
-        if earlier is None:
-            back = shifted(h, k)
-        else:
-            back = earlier.select(2, slot).narrow(2, earlier.size(3) - k, 1).transpose(1, 2).flatten(2)
-        out = out + share * back
+    for k, share in enumerate(shares, 1):  # as Mix adds them, for the same rounding
+        back = earlier.select(2, slot).narrow(2, earlier.size(3) - k, 1).transpose(1, 2).flatten(2)
+        out = torch.addcmul(out, back, share)
     return out
 
 

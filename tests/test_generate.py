@@ -60,7 +60,7 @@ def test_decoding_at_a_position_tensor_gives_the_logits_of_the_forward_pass(swit
 
 @pytest.mark.parametrize("at_tensor", [False, True], ids=["sliced", "position-tensor"])
 def test_decoding_after_a_prompt_shorter_than_the_shift_reach_gives_the_logits_of_the_forward_pass(at_tensor):
-    # The positions before the first are zeros, as model.shifted has them, in both forms of a step.
+    # The positions before the first are zeros, as model.Mix has them, in both forms of a step.
     model, idx, w, cache = decoding({"token_shift": True, "shift_reach": 3, "key_offset": True})
     with torch.no_grad():
         decode(model, w, idx[:, :1], 0, cache)

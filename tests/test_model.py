@@ -142,3 +142,8 @@ def test_key_offset_takes_the_first_half_of_each_keys_channels_from_the_position
 def test_the_recipes_model_keeps_within_the_speedruns_240000_parameters_at_the_slices_83_ids():
     cfg = config.load([])
     assert GPT(GPTConfig(vocab_size=83, **{key: cfg[key] for key in MODEL_KEYS})).num_params() <= 240_000
+
+
+def test_mix_gradients_are_those_of_its_plain_form():
+    x, near, far = (torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in ((2, 5, 3), (3,), (3,)))
+    torch.autograd.gradcheck(model.Mix.apply, (x, near, far))

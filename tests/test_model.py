@@ -144,6 +144,6 @@ def test_the_recipes_model_keeps_within_the_speedruns_240000_parameters_at_the_s
     assert GPT(GPTConfig(vocab_size=83, **{key: cfg[key] for key in MODEL_KEYS})).num_params() <= 240_000
 
 
-def test_mix_gradients_are_those_of_its_plain_form():
+def test_mix_gradients_are_those_of_its_forward_pass_by_finite_differences():
     x, near, far = (torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in ((2, 5, 3), (3,), (3,)))
     torch.autograd.gradcheck(model.Mix.apply, (x, near, far))

@@ -115,9 +115,9 @@ def mix(h, shares, cache, earlier, slot, start, heads):
     write(cache.select(2, slot), start, h.view(*heads).transpose(1, 2))  # unpacked: view reads ints faster
     if earlier is None:  # a prompt: the positions before are its own
         return Mix.apply(h, *shares)
-    out = h
+    out, earlier = h, earlier.select(2, slot)
     for k, share in enumerate(shares, 1):  # as Mix adds them, for the same rounding
-        back = earlier.select(2, slot).narrow(2, earlier.size(3) - k, 1).transpose(1, 2).flatten(2)
+        back = earlier.narrow(2, earlier.size(2) - k, 1).transpose(1, 2).flatten(2)
         out = torch.addcmul(out, back, share)
     return out
 

@@ -43,15 +43,22 @@ def in_windows(model, cfg, tokenizer):
     return float(total.sum() / count.sum()), [float(q) for q in quarters]
 
 
+def windows(n, T):
+    """(starts, firsts) of the windows of T targets that score n targets once each: a window every T // 2,
+    and one ending at the last; firsts[i], the first of window i's targets that it scores (0 in the first
+    window, else where the window before stopped, at least T // 2 in)."""
+    starts = list(range(0, n - T + 1, T // 2))
+    starts += [n - T] * (starts[-1] + T < n)
+    return starts, [0] + [prev + T - s for prev, s in zip(starts, starts[1:])]
+
+
 def sliding(model, cfg, tokenizer, batch=64):
     """(loss, targets) with each target after the first half window predicted from at least T // 2 ids."""
     T = model.config.block_size
     ds = data.open_split(cfg["dataset"], "validation")
     ids = torch.tensor([i for story in data.stories(ds, lines=False) for i in [EOS, *tokenizer.encode(story)]])
     n = len(ids) - 1  # targets
-    starts = list(range(0, n - T + 1, T // 2))
-    starts += [n - T] * (starts[-1] + T < n)  # the end of the split, scored from where the last window stopped
-    first = [0] + [prev + T - s for prev, s in zip(starts, starts[1:])]  # each window's first target to score
+    starts, first = windows(n, T)
     total, count = 0.0, 0
     for i in range(0, len(starts), batch):
         s, f = starts[i:i + batch], torch.tensor(first[i:i + batch])

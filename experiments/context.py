@@ -76,6 +76,9 @@ def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
     for path in paths:
         state = checkpoint.load(path)
+        if state["tokenizer"].get("kind", "char") != "char":
+            raise config.UserError(f"{path} has a {state['tokenizer']['kind']} tokenizer: this script counts "
+                                   "one character per id, as the char tokenizer has them")
         model = GPT(GPTConfig(**state["model_args"])).eval()
         model.load_state_dict(state["model"])
         tokenizer = load_tokenizer(state["tokenizer"])
@@ -89,4 +92,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except config.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -66,7 +66,8 @@ def decode(model, w, idx, start, cache, before=None):
             earlier = cache.index_select(4, at.clamp(min=0))
             if reach > 1:  # a graph replays one step for every position: the zeros before 0 by a mask
                 earlier = earlier * (at >= 0).view(-1, 1).to(earlier.dtype)
-    x = mix(x, [w[name] for name in model.shares], cache[0], earlier[0], 2, start, heads)
+    shift_gate = (lambda p: (w[p + "weight"], w[p + "bias"]) if c.token_shift and c.shift_gate else None)
+    x = mix(x, [w[name] for name in model.shares], cache[0], earlier[0], 2, start, heads, shift_gate("shift_gate."))
     if c.bigram:
         pairs = pair_rows(idx, w["pair_index"], None if prompt else before)
         x = x + w["bigram.weight"][pairs]
@@ -74,7 +75,7 @@ def decode(model, w, idx, start, cache, before=None):
         p = f"transformer.h.{i}."
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
         shares = [[w[p + name] for name in site] for site in block.shares]  # each sublayer's, as model.Block's
-        h = mix(h, shares[0], cache[i], earlier[i], 3, start, heads)
+        h = mix(h, shares[0], cache[i], earlier[i], 3, start, heads, shift_gate(p + "shift_gate_1."))
         qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
         qkv = qkv.view(B, T, 3, c.n_head, -1).transpose(1, 3)  # (B, n_head, q k v, T, head_dim)
         if c.rope:
@@ -92,7 +93,7 @@ def decode(model, w, idx, start, cache, before=None):
         y = y.transpose(1, 2).reshape(B, T, c.n_embd)
         x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
         h = F.layer_norm(x, (c.n_embd,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        h = mix(h, shares[1], cache[i], earlier[i], 4, start, heads)
+        h = mix(h, shares[1], cache[i], earlier[i], 4, start, heads, shift_gate(p + "shift_gate_2."))
         h = F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
         if c.swiglu:
             gate, value = h.chunk(2, dim=-1)
@@ -104,22 +105,24 @@ def decode(model, w, idx, start, cache, before=None):
     return F.linear(x, w["lm_head.weight"])
 
 
-def mix(h, shares, cache, earlier, slot, start, heads):
+def mix(h, shares, cache, earlier, slot, start, heads, gate=None):
     """token_shift's h + shares[k - 1] * (h k positions before), as model.mix, for h (B, T, n_embd) at
     positions start .. start + T - 1 as in decode, heads its shape split into heads; h itself without
     token_shift (no shares). cache is a layer's (B, n_head, slots, block_size, head_dim): its slot keeps
     each position's h, for the characters of later calls. earlier is the same at the reach positions
-    before start (B, n_head, slots, reach, head_dim, read once by decode), None for a prompt."""
+    before start (B, n_head, slots, reach, head_dim, read once by decode), None for a prompt. gate:
+    shift_gate's (weight, bias), or None."""
     if not shares:
         return h
     write(cache.select(2, slot), start, h.view(*heads).transpose(1, 2))  # unpacked: view reads ints faster
     if earlier is None:  # a prompt: the positions before are its own
-        return Mix.apply(h, *shares)
-    out, earlier = h, earlier.select(2, slot)
-    for k, share in enumerate(shares, 1):  # as Mix adds them, for the same rounding
-        back = earlier.narrow(2, earlier.size(2) - k, 1).transpose(1, 2).flatten(2)
-        out = torch.addcmul(out, back, share)
-    return out
+        out = Mix.apply(h, *shares)
+    else:
+        out, earlier = h, earlier.select(2, slot)
+        for k, share in enumerate(shares, 1):  # as Mix adds them, for the same rounding
+            back = earlier.narrow(2, earlier.size(2) - k, 1).transpose(1, 2).flatten(2)
+            out = torch.addcmul(out, back, share)
+    return out if gate is None else h + 2 * torch.sigmoid(F.linear(h, *gate)) * (out - h)
 
 
 def offset_cached(k, cache, earlier, slot, start):

@@ -50,6 +50,7 @@ class GPTConfig:
     bigram: int = 0  # rows of a table of (previous, current) character pairs added to the input; 0: none
     key_offset: bool = False  # the first half of each head's key channels come from the position before
     attn_gate: bool = False  # each head's output scaled by a sigmoid of a learned projection of its input
+    shift_gate: bool = False  # token shift's shares at each position scaled by 2 sigmoid of a projection of its input
 
 
 class Rotary(nn.Module):
@@ -154,11 +155,12 @@ class Block(nn.Module):
         self.shares = share_names(config, ("shift_1", "shift_2"))
         for name in [name for position in zip(*self.shares) for name in position]:
             setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
+        self.shift_gate_1, self.shift_gate_2 = (shift_gate(config) for _ in range(2))
 
     def forward(self, x):
-        h = mix(self.ln_1(x), [getattr(self, name) for name in self.shares[0]])
+        h = mix(self.ln_1(x), [getattr(self, name) for name in self.shares[0]], self.shift_gate_1)
         x = x + self.attn(h)
-        h = mix(self.ln_2(x), [getattr(self, name) for name in self.shares[1]])
+        h = mix(self.ln_2(x), [getattr(self, name) for name in self.shares[1]], self.shift_gate_2)
         return x + self.mlp(h)
 
 
@@ -169,9 +171,20 @@ def share_names(config, sites):
     return [[site + (f"_back{k}" if k > 1 else "") for k in range(1, reach + 1)] for site in sites]
 
 
-def mix(x, shares):
-    """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k."""
-    return Mix.apply(x, *shares) if shares else x
+def shift_gate(config):
+    """shift_gate's projection of a site's input (n_embd -> 1), or None without it. Its weights start at
+    zero (GPT zeroes them), so the gate starts at 1: the model without it."""
+    return nn.Linear(config.n_embd, 1) if config.token_shift and config.shift_gate else None
+
+
+def mix(x, shares, gate=None):
+    """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k; with
+    gate (shift_gate's projection) what the shares add is scaled at each position by 2 sigmoid(gate(x)),
+    so that a character can take more or less of those before it."""
+    if not shares:
+        return x
+    out = Mix.apply(x, *shares)
+    return out if gate is None else x + 2 * torch.sigmoid(gate(x)) * (out - x)
 
 
 class Mix(torch.autograd.Function):
@@ -250,7 +263,11 @@ class GPT(nn.Module):
         self.shares = share_names(config, ["shift"])[0]  # the embedding's shares, as the blocks'
         for name in self.shares:
             setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
+        self.shift_gate = shift_gate(config)
         self.apply(self._init_weights)
+        for name, module in self.named_modules():
+            if name.split(".")[-1].startswith("shift_gate") and module is not None:
+                nn.init.zeros_(module.weight)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -286,7 +303,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if not self.config.rope:
             x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
-        x = mix(x, [getattr(self, name) for name in self.shares])
+        x = mix(x, [getattr(self, name) for name in self.shares], self.shift_gate)
         if self.config.bigram:
             x = x + self.bigram(pair_rows(idx, self.pair_index))
         x = self.transformer.drop(x)

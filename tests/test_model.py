@@ -23,6 +23,28 @@ def test_token_shift_starts_as_the_plain_model_its_shares_at_zero():
     torch.testing.assert_close(small_model(token_shift=True)(idx, idx), small_model()(idx, idx), rtol=0, atol=0)
 
 
+def test_the_shift_gate_adds_a_projection_to_one_number_at_the_embedding_and_each_sublayer():
+    plain, gated = small_model(token_shift=True).num_params(), small_model(token_shift=True, shift_gate=True).num_params()
+    assert gated - plain == (1 + 2 * 2) * (16 + 1)  # 2 layers of 16 channels: weights and a bias each
+
+
+def test_the_shift_gate_starts_at_one_so_the_model_starts_as_the_one_without_it():
+    idx = torch.randint(0, 20, (2, 16))
+    plain = small_model(token_shift=True)
+    with torch.no_grad():  # shares away from their zeros, so that the gate has something to scale
+        for name, p in plain.named_parameters():
+            if "shift" in name:
+                p.normal_()
+    gated = small_model(token_shift=True, shift_gate=True)
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not gated.shift_gate.weight.any() and not gated.transformer.h[1].shift_gate_2.weight.any()
+    torch.testing.assert_close(gated(idx, idx), plain(idx, idx))
+
+
+def test_the_shift_gate_is_off_without_token_shift():
+    assert small_model(shift_gate=True).num_params() == small_model().num_params()
+
+
 def test_each_position_of_shift_reach_adds_one_share_per_channel_at_the_embedding_and_each_sublayer():
     once, thrice = small_model(token_shift=True).num_params(), small_model(token_shift=True, shift_reach=3).num_params()
     assert thrice - once == 2 * (1 + 2 * 2) * 16

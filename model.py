@@ -10,14 +10,16 @@ the one block what it cannot easily find through attention's averages:
 - token shift (token_shift, RWKV's name for it): each position's embedding, and the input of each
   sublayer, gets a learned per-channel share of the previous position's added, and with
   shift_reach k of each of the k positions before; k x n_embd parameters at the embedding and
-  2k x n_embd per block;
+  2k x n_embd per block. With shift_gate, what the shares add is scaled at each position by
+  2 sigmoid of a learned n_embd -> 1 projection of that input (from 1), so a character can take
+  more or less of those before it;
 - a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
   current) characters, added to the input, so the block starts from the pair, not from the two
   characters apart; the commonest pairs of the training data get a row each (pair_index);
 - key offset (key_offset): the first half of each head's key channels are the previous position's,
   so a query can match the character before a position and read the one at it: in one layer, the
   copying of a name seen earlier that otherwise takes two (an induction head).
-The speedrun's recipe in config.py turns the three and the gate on, token shift reaching two
+The speedrun's recipe in config.py turns the three and both gates on, token shift reaching two
 positions back (docs/speedrun.md says why, with the screens).
 
 Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)

@@ -98,4 +98,5 @@ def test_a_stage_boundary_recreates_both_optimizers_under_muon(stories_dir, tmp_
     run(stories_dir, tmp_path, "--stages=3,3", "--muon=True")
     adamw, muon = checkpoint.load(tmp_path / "ckpt_00000004.pt")["optimizer"]
     assert {int(s["step"]) for s in adamw["state"].values()} == {1}
-    assert muon["state"] and len(muon["param_groups"][0]["params"]) == 5  # attention's three matrices and the MLP's two
+    # attention's three matrices, the MLP's two, and the gates of token shift at the two sublayers
+    assert muon["state"] and len(muon["param_groups"][0]["params"]) == 7

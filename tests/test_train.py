@@ -96,7 +96,7 @@ def test_a_checkpoint_without_rotary_positions_is_refused_by_a_rope_config(stori
 
 
 def test_a_model_with_every_switch_on_resumes(stories_dir, tmp_path):
-    switches = ["--rope", "--swiglu", "--tie_weights", "--token_shift"]
+    switches = ["--rope", "--swiglu", "--tie_weights", "--token_shift", "--shift_gate"]
     run(stories_dir, tmp_path, "--max_steps=2", *switches)
     run(stories_dir, tmp_path, "--max_steps=4", *switches)
     state = checkpoint.load(checkpoint.paths(tmp_path)[0])

@@ -34,8 +34,7 @@ FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within 
 # The model settings of config.py (GPTConfig's fields of the same names): a checkpoint must share them
 # with the config to be resumed.
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift", "mlp_hidden",
-              "bigram", "key_offset", "shift_reach", "attn_gate",
-              "shift_gate")
+              "bigram", "key_offset", "shift_reach", "attn_gate", "shift_gate")
 
 
 def paths(out_dir):

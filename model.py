@@ -267,13 +267,12 @@ class GPT(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
         self.shift_gate = shift_gate(config)
         self.apply(self._init_weights)
-        for name, module in self.named_modules():
-            if name.split(".")[-1].startswith("shift_gate") and module is not None:
-                nn.init.zeros_(module.weight)
-        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, p in self.named_parameters():
+            # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif "shift_gate" in name and name.endswith("weight"):  # the shift gate starts at 1
+                nn.init.zeros_(p)
         if config.bigram:  # made last, from zero: the model starts as the one without it, weight for weight
             self.bigram = nn.Embedding(config.bigram, config.n_embd)
             nn.init.zeros_(self.bigram.weight)

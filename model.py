@@ -1,27 +1,22 @@
 """The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
-LayerNorm and an untied linear head. Plain nn.Module, no framework. GPT.forward is the one
-implementation of the network: training, evaluation, sampling (GPT.generate, through a KVCache)
-and explain.py's view of the inside (a trace) all run it.
+LayerNorm and an untied linear head. GPT.forward is the one implementation of the network:
+training, evaluation, sampling (GPT.generate, through a KVCache) and explain.py (through a trace)
+all run it.
 
-Switches, all off in GPTConfig, the reference architecture: rotary position embeddings instead of
-learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the token
-embedding's weights (tie_weights), the MLP's hidden width (mlp_hidden), a gate on each attention
-head's output (attn_gate: a sigmoid of a learned n_embd -> n_head projection of the sublayer's
-input, so that a head can add nothing where its average has nothing to say), and three that hand
-the one block what it cannot easily find through attention's averages:
-- token shift (token_shift, RWKV's name for it): each position's embedding, and the input of each
-  sublayer, gets a learned per-channel share of the previous position's added, and with
-  shift_reach k of each of the k positions before. With shift_gate, what the shares add is scaled
-  at each position by 2 sigmoid of a learned n_embd -> 1 projection of that input (from 1), so a
-  character can take more or less of those before it;
-- a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
-  current) characters, added to the input, so the block starts from the pair, not from the two
-  characters apart; the commonest pairs of the training data get a row each (pair_index);
-- key offset (key_offset): the first half of each head's key channels are the previous position's,
-  so a query can match the character before a position and read the one at it: in one layer, the
-  copying of a name seen earlier that otherwise takes two (an induction head).
-The speedrun's recipe in config.py turns the three and both gates on, token shift reaching two
-positions back (docs/speedrun.md says why, with the screens).
+Switches, all off in GPTConfig, the reference architecture: rotary positions instead of learned
+ones (rope), a SwiGLU MLP (swiglu), a head tied to the token embedding (tie_weights), the MLP's
+width (mlp_hidden), a gate on each attention head (attn_gate: a sigmoid of a learned projection
+of the sublayer's input, so a head can add nothing where its average has nothing to say), and
+three that hand the one block what it cannot easily find through attention's averages:
+- token shift (token_shift, RWKV's name): the embedding and each sublayer's input get a learned
+  per-channel share of the shift_reach positions before added; with shift_gate, scaled at each
+  position by 2 sigmoid of a learned projection of that input, so a character takes more or less;
+- a bigram table (bigram rows, from zero): a learned vector for each (previous, current) pair of
+  characters added to the input, the commonest pairs of the training data a row each (pair_index);
+- key offset (key_offset): the first half of each head's key channels are the previous
+  position's, so a query can match the character before a position and read the one at it: an
+  induction head in one layer.
+config.py's recipe turns them all on, token shift reaching two back (docs/speedrun.md says why).
 """
 
 import math
@@ -53,10 +48,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """What decoding keeps of the positions already seen, so that a new character costs one
-    position's work, not the whole context's: pos, how many there are, and for each module,
-    under its own key, what it needs of them: attention its keys and values, token shift the
-    inputs of the positions before, key offset the last key, the bigram table the last id."""
+    """What sampling keeps of the positions seen, so a new character costs one position's work: pos,
+    how many, and under each module's own key what it needs of them: attention its keys and values,
+    token shift the inputs before, key offset the last key, the bigram table the last id."""
 
     def __init__(self):
         self.pos, self.kept = 0, {}
@@ -219,10 +213,9 @@ def mix(x, shares, gate=None, cache=None, key=None):
 
 
 class Mix(torch.autograd.Function):
-    """mix, its gradient written out: each share's product is added into a slice in place, so that
-    neither pass makes the padded copies of x and the zero-filled gradients of them that autograd's
-    form of it (x + share * pad(x)[:, :-k]) does: the speedrun's recipe trains 1.066 times as fast
-    on one CPU thread (docs/speedrun.md, "After record 8")."""
+    """mix's shares added, its gradient written out: each product added into a slice in place, without
+    the padded copies and zero-filled gradients of autograd's x + share * pad(x)[:, :-k]: the recipe
+    trains 1.066 times as fast on one CPU thread (docs/speedrun.md, "After record 8")."""
 
     @staticmethod
     def forward(ctx, x, *shares):
@@ -249,12 +242,10 @@ PAIR_HASH = 1_000_003
 
 
 def pair_index(vocab_size, bigram, counts=None):
-    """The bigram table's row for each pair of ids, as a (vocab_size + 1, vocab_size) table indexed by
-    (previous + 1, current); previous is -1 at a window's start, where none is in view. Each pair is
-    hashed to ((previous + 1) * PAIR_HASH + current) % bigram. With counts, a table of that shape (how
-    often each pair occurs in the training text), the bigram commonest pairs get a row each instead,
-    commonest first, and the rest keep their hashed rows: hashed, common pairs share rows too
-    (docs/speedrun.md measures what a row of their own is worth)."""
+    """The bigram table's row for each pair of ids, a (vocab_size + 1, vocab_size) table indexed by
+    (previous + 1, current), previous -1 at a window's start: ((previous + 1) * PAIR_HASH + current)
+    % bigram. With counts (how often each pair occurs in the training text, of that shape), the
+    bigram commonest pairs get a row each instead, commonest first (docs/speedrun.md measures it)."""
     index = (torch.arange(vocab_size + 1).view(-1, 1) * PAIR_HASH + torch.arange(vocab_size)) % bigram
     if counts is not None:
         top = counts.flatten().argsort(descending=True, stable=True)[:bigram]

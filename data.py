@@ -185,40 +185,18 @@ class EmptyData(UserError):
     pass
 
 
-class Batches:
-    """Endless (x, y) batches from one split, resumable.
+class RowReader:
+    """The rows of a split, epoch after epoch: shuffle rows at a time (fewer once they hold
+    SHUFFLE_TEXT characters), handed on in a random order drawn anew for each run of rows in each
+    epoch from seed, or with shuffle at most 1 one at a time in the stored order.
 
-    The stories are joined as EOS story EOS story ..., and each batch is the next batch_size
-    windows of block_size + 1 ids, so every character lands in exactly one window. A story short
-    enough to fit in a window is never cut in two: if it would be, the rest of the window is
-    padding and the story starts the next one, so short texts are learned whole from their
-    first character (padding is never a target). At the end of the data the stream starts
-    over: the next epoch; or, with once=True, the last batch is what is left, its last window
-    padded, and the iteration ends. keep(i), if given, says whether the i-th story of an epoch is
-    used (a held-out validation set takes the rest).
-
-    Text is taken as it is needed, PIECE characters at most at a time: a long row waits in the
-    queue in pieces, and a story longer than two windows (which cannot fit in one) goes into the
-    buffer as it is read rather than once it ends. So memory and the state stay small whatever the
-    length of a line or a story; only a row, which datasets reads whole, is held whole.
-
-    With shuffle above 1, rows are read shuffle at a time (fewer once they hold SHUFFLE_TEXT
-    characters) and handed on in a random order of their own, drawn anew for each such run of rows
-    in each epoch from seed: the windows and the batches they make differ from pass to pass. Rows
-    are then whole stories, as in the hub's layout, and keep must be None: a held-out story is
-    counted in the stored order. Otherwise rows go on in the stored order, one at a time.
-
-    The state is the dataset's own stream position (its state_dict, a shard and a row within it,
-    and the number of shards) at the first of the rows in hand, their order and how many of them
-    were handed on, plus what has been read and not yet batched: the ids in the buffer, the pieces
-    in the queue, and the held-back end of the story being read.
+    The state is the dataset's own stream position (its state_dict: a shard and a row within it;
+    and the number of shards) at the first of the rows in hand, their order, how many of them were
+    handed on, how many runs of rows this epoch has read, and the epoch.
     """
 
-    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
-        assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
-        self.ds, self.tokenizer, self.lines, self.keep, self.once = ds, tokenizer, lines, keep, once
-        self.size = (batch_size, block_size + 1)
-        self.shuffle, self.seed = max(shuffle, 1), seed
+    def __init__(self, ds, shuffle, seed):
+        self.ds, self.shuffle, self.seed = ds, max(shuffle, 1), seed
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
         # Positions are kept here, as ds.state_dict() tells one only once a row is read from it: chunk_at,
@@ -226,51 +204,26 @@ class Batches:
         # order but not yet the rows), their order, how many were handed on, and how many runs of rows
         # this epoch has read.
         self.at = self.chunk_at = self.start
-        self.chunk, self.order, self.taken, self.chunks = [], [], 0, 0
-        self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
-        self.epoch, self.story, self.epoch_ids = 0, 0, 0
+        self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        n = self.size[0] * self.size[1]
-        while len(self.buffer) < n and not (self.once and self.epoch):
-            if self.queue:
-                self._add_text(self.queue.pop(0))
-            else:
-                self._read_row()
-        if not self.buffer:
-            raise StopIteration
-        n = min(n, len(self.buffer) + -len(self.buffer) % self.size[1])  # once: the windows that are left
-        self.buffer.extend([PAD] * (n - len(self.buffer)))
-        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(-1, self.size[1])
-        del self.buffer[:n]
-        return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
-
-    def _read_row(self):
+    def next_row(self):
+        """The next row, or None at the end of the data, after which the next epoch begins."""
         if len(self.chunk) < len(self.order):  # resumed: the rows in hand when the state was saved, read again
             self.chunk = self._read_rows(len(self.order))
         if self.taken == len(self.order):
             self._read_chunk()
-        if not self.order:  # the end of the data: finish its last story, begin the next epoch
-            self._add(self.rest, ends=True)
-            if self.epoch_ids == 0:
-                raise EmptyData("the data holds no text to train on")
-            self.rows, self.rest, self.story, self.epoch_ids, self.chunks = None, "", 0, 0, 0
-            self.epoch += 1
+        if not self.order:
+            self.rows, self.chunks, self.epoch = None, 0, self.epoch + 1
             self.ds.load_state_dict(self.start)
             self.at = self.chunk_at = self.start
-            return
+            return None
         i = self.order[self.taken]
-        row, self.chunk[i] = self.chunk[i], None  # handed on: held only in the queue now
+        row, self.chunk[i] = self.chunk[i], None  # handed on: no longer held here
         self.taken += 1
-        text = row_text(row, self.lines)
-        self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+        return row
 
     def _read_chunk(self):
-        """The next self.shuffle rows, or fewer where they reach SHUFFLE_TEXT characters or the data
-        ends, and the order to hand them on in: random with shuffle, else as stored."""
+        """The next run of rows, and the order to hand them on in."""
         self.chunk_at = self.at
         self.chunk = self._read_rows(self.shuffle, SHUFFLE_TEXT)
         n, self.taken = len(self.chunk), 0
@@ -302,48 +255,13 @@ class Batches:
             self.at = self.ds.state_dict()
         return rows
 
-    def _add_text(self, text):
-        """Add the stories that text ends, and the start of the one it leaves unfinished once that is
-        too long for a window, so that what is held back stays short."""
-        *stories, self.rest = (self.rest + text).split(SEPARATOR)
-        for story in stories:
-            self._add(story, ends=True)
-        if not self.open:
-            self.rest = self.rest.lstrip()
-        if len(self.rest) > 2 * self.size[1]:
-            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
-            # up to a window of it.
-            cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.size[1])
-            self._add(self.rest[:cut], ends=False)
-            self.rest = self.rest[cut:]
-
-    def _add(self, text, ends):
-        """Put text into the buffer as ids: a whole story, or a piece of one longer than a window
-        (ends: the story ends with it)."""
-        text = text.rstrip() if ends else text
-        if not self.open:
-            text = text.lstrip()
-            if not text:
-                return
-            self.story += 1
-        if self.keep is None or self.keep(self.story - 1):
-            ids = ([] if self.open else [EOS]) + self.tokenizer.encode(text)
-            used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
-            if not self.open and len(ids) <= self.size[1] < used + len(ids):
-                self.buffer.extend([PAD] * (self.size[1] - used))
-            self.buffer.extend(ids)
-            self.epoch_ids += len(ids)
-        self.open = not ends
-
     def close(self):
         if self.rows is not None:
             self.rows.close()
 
     def state_dict(self):
         return {"dataset": self.chunk_at, "order": list(self.order), "taken": self.taken, "chunks": self.chunks,
-                "shards": self.ds.num_shards,
-                "buffer": list(self.buffer), "queue": list(self.queue), "rest": self.rest, "open": self.open,
-                "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
+                "shards": self.ds.num_shards, "epoch": self.epoch}
 
     def load_state_dict(self, state):
         # The stream's position is a shard and a row within it: with other shards it would point
@@ -364,9 +282,166 @@ class Batches:
         self.at = self.chunk_at = state["dataset"]
         self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
         self.chunk = []  # read again when first needed
-        self.buffer, self.rest = list(state["buffer"]), state["rest"]
+        self.epoch = state["epoch"]
+
+
+class StoryReader:
+    """The text of the stories in rows, in pieces (text, starts): starts where a piece begins a
+    story. keep(i), if given, says whether the i-th story of an epoch is handed on.
+
+    Text is taken as it is needed, PIECE characters at most at a time: a long row waits in the
+    queue in pieces, and a story longer than two windows (which cannot fit in one) is handed on
+    as it is read rather than once it ends. So memory and the state stay small whatever the
+    length of a line or a story; only a row, which datasets reads whole, is held whole.
+
+    The state is the pieces in the queue, the held-back end of the story being read, whether a
+    story is partly handed on (open), and how many stories this epoch has begun.
+    """
+
+    def __init__(self, rows, lines, keep, window):
+        self.rows, self.lines, self.keep, self.window = rows, lines, keep, window
+        self.queue, self.rest, self.open, self.story = [], "", False, 0
+
+    def read(self):
+        """(the pieces of the kept stories that the next piece of text ends or cuts off, whether the
+        data ended there)."""
+        if self.queue:
+            return self._split(self.queue.pop(0)), False
+        row = self.rows.next_row()
+        if row is None:  # the end of the data: its last story ends
+            pieces = self._piece(self.rest, ends=True)
+            self.rest, self.story = "", 0
+            return pieces, True
+        text = row_text(row, self.lines)
+        self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+        return [], False
+
+    def _split(self, text):
+        """The stories that text ends, and the start of the one it leaves unfinished once that is
+        too long for a window, so that what is held back stays short."""
+        *stories, self.rest = (self.rest + text).split(SEPARATOR)
+        pieces = []
+        for story in stories:
+            pieces += self._piece(story, ends=True)
+        if not self.open:
+            self.rest = self.rest.lstrip()
+        if len(self.rest) > 2 * self.window:
+            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
+            # up to a window of it.
+            cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.window)
+            pieces += self._piece(self.rest[:cut], ends=False)
+            self.rest = self.rest[cut:]
+        return pieces
+
+    def _piece(self, text, ends):
+        """[(text, starts)] for a whole story or a piece of one (ends: the story ends with it), or []
+        where it is empty or its story is not kept."""
+        text = text.rstrip() if ends else text
+        starts = not self.open
+        if starts:
+            text = text.lstrip()
+            if not text:
+                return []
+            self.story += 1
+        self.open = not ends
+        return [(text, starts)] if self.keep is None or self.keep(self.story - 1) else []
+
+    def state_dict(self):
+        return {"queue": list(self.queue), "rest": self.rest, "open": self.open, "story": self.story}
+
+    def load_state_dict(self, state):
+        self.rest, self.story = state["rest"], state["story"]
         self.queue, self.open = list(state.get("queue", [])), state.get("open", False)  # older states lack them
-        self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
+
+
+class WindowPacker:
+    """Ids into batches of batch_size windows of `window` ids, every id in exactly one window. A
+    story short enough to fit in a window is never cut in two: if it would be, the rest of the
+    window is padding and the story starts the next one, so short texts are learned whole from
+    their first character (padding is never a target).
+
+    The state is the ids in the buffer, and how many were added this epoch.
+    """
+
+    def __init__(self, batch_size, window):
+        self.size = (batch_size, window)
+        self.buffer, self.epoch_ids = [], 0
+
+    def full(self):
+        return len(self.buffer) >= self.size[0] * self.size[1]
+
+    def add(self, ids, starts):
+        """Add the ids of a piece of a story, after EOS where it starts one."""
+        if starts:
+            ids = [EOS, *ids]
+            used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
+            if len(ids) <= self.size[1] < used + len(ids):
+                self.buffer.extend([PAD] * (self.size[1] - used))
+        self.buffer.extend(ids)
+        self.epoch_ids += len(ids)
+
+    def end_epoch(self):
+        if self.epoch_ids == 0:
+            raise EmptyData("the data holds no text to train on")
+        self.epoch_ids = 0
+
+    def take(self):
+        """(x, y): the next batch; short where the buffer is (the last windows of a once pass), the last
+        window padded."""
+        if not self.buffer:
+            raise StopIteration
+        n = min(self.size[0] * self.size[1], len(self.buffer) + -len(self.buffer) % self.size[1])
+        self.buffer.extend([PAD] * (n - len(self.buffer)))
+        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(-1, self.size[1])
+        del self.buffer[:n]
+        return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
+
+    def state_dict(self):
+        return {"buffer": list(self.buffer), "epoch_ids": self.epoch_ids}
+
+    def load_state_dict(self, state):
+        self.buffer, self.epoch_ids = list(state["buffer"]), state["epoch_ids"]
+
+
+class Batches:
+    """Endless (x, y) batches from one split, resumable: the stories joined as EOS story EOS story
+    ..., packed into windows of block_size + 1 ids. At the end of the data the stream starts over:
+    the next epoch; or, with once=True, the last batch is what is left and the iteration ends.
+    keep(i), if given, says whether the i-th story of an epoch is used (a held-out validation set
+    takes the rest). With shuffle, rows are whole stories, as in the hub's layout, and keep must be
+    None: a held-out story is counted in the stored order.
+
+    The state is its parts' states together, one flat dict.
+    """
+
+    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
+        assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
+        self.tokenizer, self.once = tokenizer, once
+        self.rows = RowReader(ds, shuffle, seed)
+        self.stories = StoryReader(self.rows, lines, keep, block_size + 1)
+        self.windows = WindowPacker(batch_size, block_size + 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self.windows.full() and not (self.once and self.rows.epoch):
+            pieces, ended = self.stories.read()
+            for text, starts in pieces:
+                self.windows.add(self.tokenizer.encode(text), starts)
+            if ended:
+                self.windows.end_epoch()
+        return self.windows.take()
+
+    def close(self):
+        self.rows.close()
+
+    def state_dict(self):
+        return {**self.rows.state_dict(), **self.stories.state_dict(), **self.windows.state_dict()}
+
+    def load_state_dict(self, state):
+        for part in (self.rows, self.stories, self.windows):
+            part.load_state_dict(state)
 
 
 def target_counts(y, char_lengths):

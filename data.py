@@ -4,12 +4,9 @@
     batches = Batches(ds, tokenizer, batch_size=64, block_size=128)
     x, y = next(batches)                                     # (64, 128) inputs and next-character targets
 
-Everything is streamed (datasets.load_dataset(..., streaming=True); a .txt file by read_txt): no
-split is ever held in memory whole, nor any line or story: text is read from a .txt file, and
-turned into ids, at most PIECE characters at a time, however long its lines and stories are. A
-stream's position (Batches.state_dict) goes into every checkpoint, so a resumed run reads on from
-exactly where the stopped one was. With no validation split, every HOLDOUT_EVERY-th training
-story is held out to validate on (held_out), and training skips it.
+Everything is streamed, and text is read from a .txt file and turned into ids at most PIECE characters at
+a time, so no split, line or story is held whole. Batches' state goes into every checkpoint, so a resumed run
+reads on exactly where the stopped one was. docs/data.md tells the whole story.
 """
 
 from contextlib import closing
@@ -34,11 +31,9 @@ SHUFFLE_TEXT = 1 << 24  # characters: the most text that Batches reads ahead to 
 
 
 def open_split(dataset, split, rank=0, world_size=1):
-    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such.
-
-    Under torchrun each rank streams its own share (see split_dataset_by_node): whole shards (the
-    row groups of parquet files, whole files of other formats) when their number divides evenly
-    among the ranks, else every world_size-th story."""
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such. Each rank
+    streams its own share: whole shards where they divide evenly among the ranks, else every world_size-th
+    story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
@@ -79,11 +74,8 @@ def open_split(dataset, split, rank=0, world_size=1):
     if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
         raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
                         "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
-    # One shard per parquet row group rather than per file (other formats stay one per file). Once a
-    # scan of a file has begun, pyarrow's threads read and decode all the rest of it ahead of use
-    # (datasets' batch_readahead=0 does not stop them), so a run on a 1 GB file held 2.8 GB, one on
-    # 10 MB 0.7 GB. A scan per row group reads ahead only that row group. And a resume starts at its
-    # own row group, rather than reading those before it to skip them.
+    # A shard per parquet row group, not per file: pyarrow's threads read and decode all the rest of a file ahead
+    # once its scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
     try:
         ds = ds.reshard()  # reads the footer of every parquet file, from the hub too
     except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
@@ -95,9 +87,8 @@ def open_split(dataset, split, rank=0, world_size=1):
 
 
 def read_txt(path):
-    """The rows of a .txt file: its lines, a line longer than PIECE characters in pieces of PIECE.
-    (datasets' text builder reads a line whole: a file without line breaks, all at once.) Line
-    breaks are kept, and read as that builder reads them: \\r\\n and \\r become \\n."""
+    """The rows of a .txt file: its lines, in pieces of PIECE characters where longer (datasets' text builder
+    reads a line whole), \\r\\n and \\r read as \\n as that builder reads them."""
     with open(path, encoding="utf-8") as f:
         try:
             for line in iter(lambda: f.readline(PIECE), ""):
@@ -114,8 +105,7 @@ def is_line_based(dataset):
 
 
 def row_text(row, lines):
-    """The text of a row, ending its last story unless it is a line of a .txt file (there only the
-    separator does); a null row is an empty one."""
+    """The text of a row (a null row is an empty one), ending its last story unless it is a .txt file's line."""
     if "text" not in row:
         raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
                         "rename the column that holds the stories to 'text'")
@@ -123,8 +113,7 @@ def row_text(row, lines):
 
 
 def stories(ds, lines, limit=float("inf")):
-    """The stories of a split, one after another. Once limit characters have been read, the story
-    being read ends there, and so does the split."""
+    """The stories of a split; once limit characters are read, the story being read ends there, and so does it."""
     rows, texts, size = iter(ds), [], 0
     try:
         for row in rows:
@@ -146,15 +135,14 @@ def stories(ds, lines, limit=float("inf")):
 
 
 def first_stories(ds, lines, n):
-    """The first n stories of a split, to build the vocabulary from: those in its first
-    VOCABULARY_TEXT characters, so that a text which never ends a story is not read whole."""
+    """The first n stories of a split's first VOCABULARY_TEXT characters, so that a text without separators
+    is not read whole."""
     with closing(stories(ds, lines, VOCABULARY_TEXT)) as it:
         return list(islice(it, n))
 
 
 def vocabulary_stories(dataset, n):
-    """The first n stories of dataset's train split: the text the vocabulary is built from. Every
-    rank reads the same ones, so every rank builds the same vocabulary."""
+    """The first n stories of dataset's train split, the vocabulary's text: the same on every rank."""
     ds = open_split(dataset, "train")
     if ds is None:
         raise UserError(f"{dataset} has no train split")
@@ -165,9 +153,9 @@ def vocabulary_stories(dataset, n):
 
 
 def pair_counts(texts, tokenizer, block_size):
-    """How often each pair of ids follows in texts as training reads them (EOS story EOS story ...),
-    as a (vocab_size + 1, vocab_size) table indexed by (previous + 1, current), model.pair_index's
-    counts; the first row, previous none, counts a window's first id: one id in block_size."""
+    """How often each id follows each other in texts read as training reads them (EOS story EOS ...):
+    model.pair_index's (vocab_size + 1, vocab_size) table by (previous + 1, current), whose first row,
+    previous none, counts a window's first id, one in block_size."""
     ids = torch.tensor([i for text in texts for i in [EOS, *tokenizer.encode(text)]])
     v = tokenizer.vocab_size
     counts = torch.bincount((ids[:-1] + 1) * v + ids[1:], minlength=(v + 1) * v).view(v + 1, v).double()
@@ -176,8 +164,8 @@ def pair_counts(texts, tokenizer, block_size):
 
 
 def is_held_out(i, every):
-    """Whether the i-th story of a training split is held out to validate on, where the data has
-    no validation split: every every-th story, so the held-out text is spread across the split."""
+    """Whether the i-th training story is held out to validate on where there is no validation split: every
+    every-th one, so the held-out text is spread across the split."""
     return i % every == every - 1
 
 
@@ -186,32 +174,27 @@ class EmptyData(UserError):
 
 
 class RowReader:
-    """The rows of a split, epoch after epoch: shuffle rows at a time (fewer once they hold
-    SHUFFLE_TEXT characters), handed on in a random order drawn anew for each run of rows in each
-    epoch from seed, or with shuffle at most 1 one at a time in the stored order.
-
-    The state is the dataset's own stream position (its state_dict: a shard and a row within it;
-    and the number of shards) at the first of the rows in hand, their order, how many of them were
-    handed on, how many runs of rows this epoch has read, and the epoch.
-    """
+    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT
+    characters), each handed on in a random order of its own drawn from seed, the epoch and the run; with
+    shuffle at most 1, a row at a time as stored. The state: the stream's position at the first row in hand
+    and its number of shards, the order of the rows in hand and how many were handed on, the runs this epoch
+    has read, the epoch."""
 
     def __init__(self, ds, shuffle, seed):
         self.ds, self.shuffle, self.seed = ds, max(shuffle, 1), seed
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
-        # Positions are kept here, as ds.state_dict() tells one only once a row is read from it: chunk_at,
-        # where the rows in hand begin; at, past the rows read. Then the rows in hand (a resume has their
-        # order but not yet the rows), their order, how many were handed on, and how many runs of rows
-        # this epoch has read.
+        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in
+        # hand (chunk) begin, and past the rows read. A resume has their order, and reads them again.
         self.at = self.chunk_at = self.start
         self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
     def next_row(self):
         """The next row, or None at the end of the data, after which the next epoch begins."""
-        if len(self.chunk) < len(self.order):  # resumed: the rows in hand when the state was saved, read again
+        if len(self.chunk) < len(self.order):  # resumed
             self.chunk = self._read_rows(len(self.order))
         if self.taken == len(self.order):
-            self._read_chunk()
+            self._read_run()
         if not self.order:
             self.rows, self.chunks, self.epoch = None, 0, self.epoch + 1
             self.ds.load_state_dict(self.start)
@@ -222,30 +205,21 @@ class RowReader:
         self.taken += 1
         return row
 
-    def _read_chunk(self):
-        """The next run of rows, and the order to hand them on in."""
-        self.chunk_at = self.at
-        self.chunk = self._read_rows(self.shuffle, SHUFFLE_TEXT)
-        n, self.taken = len(self.chunk), 0
-        self.order = list(range(n))
-        if self.shuffle > 1 and n > 1:
-            # A generator of its own, seeded by the run's seed, the epoch and the run of rows: the order
-            # depends on nothing else (not on the global random state that training draws from).
+    def _read_run(self):
+        self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
+        self.order = list(range(len(self.chunk)))
+        if self.shuffle > 1 and len(self.chunk) > 1:  # a generator of its own: not training's random state
             g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63)
-            self.order = torch.randperm(n, generator=g).tolist()
+            self.order = torch.randperm(len(self.chunk), generator=g).tolist()
         self.chunks += 1
 
     def _read_rows(self, n, limit=float("inf")):
-        """Up to n rows from position self.at on (fewer at the end of the data or at limit characters);
-        self.at then moves past them."""
+        """Up to n rows from self.at on, fewer at the end of the data or at limit characters."""
         if self.rows is None:
             self.rows = iter(self.ds)
         rows, size = [], 0
         try:
-            while len(rows) < n and size < limit:
-                row = next(self.rows, None)
-                if row is None:
-                    break
+            while len(rows) < n and size < limit and (row := next(self.rows, None)) is not None:
                 rows.append(row)
                 size += len(row.get("text") or "")
         except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
@@ -264,8 +238,8 @@ class RowReader:
                 "shards": self.ds.num_shards, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        # The stream's position is a shard and a row within it: with other shards it would point
-        # elsewhere without a word. Positions saved before shards were row groups have no count.
+        # A position is a shard and a row within it: in other shards it would point elsewhere without
+        # a word. Positions saved before shards were row groups have no count.
         if state.get("shards") != self.ds.num_shards:
             saved = "an unknown number of" if state.get("shards") is None else state["shards"]
             raise UserError(f"the checkpoint's data position counts {saved} shards, the data now has "
@@ -278,33 +252,25 @@ class RowReader:
                             "read .txt files otherwise: resume with that version, or train anew in another "
                             "--out_dir")
         self.ds.load_state_dict(state["dataset"])
-        # A state saved before rows were read ahead is the position after the row in hand: no rows to read again.
         self.at = self.chunk_at = state["dataset"]
+        # A state saved before rows were read ahead is the position after the row in hand: none to read again.
         self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
-        self.chunk = []  # read again when first needed
-        self.epoch = state["epoch"]
+        self.chunk, self.epoch = [], state["epoch"]  # the rows in hand: read again when first needed
 
 
 class StoryReader:
-    """The text of the stories in rows, in pieces (text, starts): starts where a piece begins a
-    story. keep(i), if given, says whether the i-th story of an epoch is handed on.
-
-    Text is taken as it is needed, PIECE characters at most at a time: a long row waits in the
-    queue in pieces, and a story longer than two windows (which cannot fit in one) is handed on
-    as it is read rather than once it ends. So memory and the state stay small whatever the
-    length of a line or a story; only a row, which datasets reads whole, is held whole.
-
-    The state is the pieces in the queue, the held-back end of the story being read, whether a
-    story is partly handed on (open), and how many stories this epoch has begun.
-    """
+    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says
+    whether the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters,
+    and of a story longer than two windows (which cannot fit in one) at most a window is held back, so memory
+    and the state stay small. The state: the queue, the held-back text, whether a story is partly handed on
+    (open), and the stories this epoch has begun."""
 
     def __init__(self, rows, lines, keep, window):
         self.rows, self.lines, self.keep, self.window = rows, lines, keep, window
         self.queue, self.rest, self.open, self.story = [], "", False, 0
 
     def read(self):
-        """(the pieces of the kept stories that the next piece of text ends or cuts off, whether the
-        data ended there)."""
+        """([(text, starts)] that the next piece of a row completes, whether the data ended there)."""
         if self.queue:
             return self._split(self.queue.pop(0)), False
         row = self.rows.next_row()
@@ -317,11 +283,9 @@ class StoryReader:
         return [], False
 
     def _split(self, text):
-        """The stories that text ends, and the start of the one it leaves unfinished once that is
-        too long for a window, so that what is held back stays short."""
-        *stories, self.rest = (self.rest + text).split(SEPARATOR)
+        *ended, self.rest = (self.rest + text).split(SEPARATOR)
         pieces = []
-        for story in stories:
+        for story in ended:
             pieces += self._piece(story, ends=True)
         if not self.open:
             self.rest = self.rest.lstrip()
@@ -334,8 +298,7 @@ class StoryReader:
         return pieces
 
     def _piece(self, text, ends):
-        """[(text, starts)] for a whole story or a piece of one (ends: the story ends with it), or []
-        where it is empty or its story is not kept."""
+        """[(text, starts)], or [] where its story is empty or not kept; ends: the story ends here."""
         text = text.rstrip() if ends else text
         starts = not self.open
         if starts:
@@ -355,13 +318,9 @@ class StoryReader:
 
 
 class WindowPacker:
-    """Ids into batches of batch_size windows of `window` ids, every id in exactly one window. A
-    story short enough to fit in a window is never cut in two: if it would be, the rest of the
-    window is padding and the story starts the next one, so short texts are learned whole from
-    their first character (padding is never a target).
-
-    The state is the ids in the buffer, and how many were added this epoch.
-    """
+    """Ids into batches of batch_size windows of `window` ids, each id in one window. A story that fits in a
+    window is never cut in two: the rest of the window is padding instead, so short texts are learned whole
+    from their first character. The state: the ids waiting, and how many this epoch added (none: no text)."""
 
     def __init__(self, batch_size, window):
         self.size = (batch_size, window)
@@ -371,7 +330,6 @@ class WindowPacker:
         return len(self.buffer) >= self.size[0] * self.size[1]
 
     def add(self, ids, starts):
-        """Add the ids of a piece of a story, after EOS where it starts one."""
         if starts:
             ids = [EOS, *ids]
             used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
@@ -386,8 +344,7 @@ class WindowPacker:
         self.epoch_ids = 0
 
     def take(self):
-        """(x, y): the next batch; short where the buffer is (the last windows of a once pass), the last
-        window padded."""
+        """(x, y), fewer windows where fewer wait (the end of a once pass), the last one padded."""
         if not self.buffer:
             raise StopIteration
         n = min(self.size[0] * self.size[1], len(self.buffer) + -len(self.buffer) % self.size[1])
@@ -404,15 +361,10 @@ class WindowPacker:
 
 
 class Batches:
-    """Endless (x, y) batches from one split, resumable: the stories joined as EOS story EOS story
-    ..., packed into windows of block_size + 1 ids. At the end of the data the stream starts over:
-    the next epoch; or, with once=True, the last batch is what is left and the iteration ends.
-    keep(i), if given, says whether the i-th story of an epoch is used (a held-out validation set
-    takes the rest). With shuffle, rows are whole stories, as in the hub's layout, and keep must be
-    None: a held-out story is counted in the stored order.
-
-    The state is its parts' states together, one flat dict.
-    """
+    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of
+    block_size + 1 ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th
+    story of an epoch is used; with shuffle, rows are whole stories (the hub's layout) and keep must be None.
+    The state is the parts' states in one flat dict, as checkpoints have always held it."""
 
     def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
         assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
@@ -445,16 +397,15 @@ class Batches:
 
 
 def target_counts(y, char_lengths):
-    """(tokens, characters) among the targets y: padding is neither, and each token counts the
-    characters it stands for (char_lengths, the tokenizer's char_lengths as a tensor, made once by
-    the caller), so losses can be given per character."""
+    """(tokens, characters) among the targets y, padding neither, each token its characters (char_lengths: the
+    tokenizer's, as a tensor), so losses can be given per character."""
     real = y[y != PAD]
     return real.numel(), int(char_lengths[real].sum())
 
 
 def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
-    """The training stream of cfg's dataset, without the held-out stories if held_out; shuffled SHUFFLE
-    rows at a time where rows are stories (not a .txt file's lines) and none are held out."""
+    """The training stream of cfg's dataset, without the held-out stories if held_out; shuffled where rows are
+    stories (not a .txt file's lines) and none are held out."""
     every, lines = cfg["holdout_every"], is_line_based(cfg["dataset"])
     shuffle = 0 if held_out or lines else cfg["shuffle"]
     if shuffle != cfg["shuffle"] and cfg["shuffle"] > 1:
@@ -466,15 +417,10 @@ def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
 
 
 def validation_batches(cfg, tokenizer, rank=0, world_size=1):
-    """(the batches every evaluation reads, the same text each time, every character of it once;
-    whether that text was held out of the training split; what it is, in words).
-
-    The validation text is the whole validation split where it holds at most EVAL_CHARS characters
-    (0: no limit). A larger split is sampled across its whole length, not just its start, which
-    can be easier or harder than the rest: every k-th story, k the smallest power of two that
-    brings it within EVAL_CHARS (so at least half of EVAL_CHARS). Without a validation split it is
-    the held-out training stories, the first EVAL_CHARS characters of them, read from the start
-    of the split so that a large training split is not read through before the first step."""
+    """(the batches every evaluation reads, the same text each time, every character once; whether it was held out
+    of the training split; what it is, in words). That is the validation split, sampled across its length where it
+    holds over EVAL_CHARS characters, as its start may be easier or harder than the rest; else the held-out
+    training stories at the start of the split, so that a large one is not read through before the first step."""
     lines, every, limit = is_line_based(cfg["dataset"]), cfg["holdout_every"], cfg["eval_chars"] or float("inf")
     ds, held_out = open_split(cfg["dataset"], "validation", rank, world_size), False
     if ds is not None:
@@ -496,8 +442,8 @@ def validation_batches(cfg, tokenizer, rank=0, world_size=1):
 
 
 def spread_sample(stories, limit):
-    """(every k-th of stories, k): k the smallest power of two that keeps their characters within
-    limit. In one pass, holding at most limit characters."""
+    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters: in
+    one pass, holding at most limit characters."""
     kept, every, size = [], 1, 0
     for i, story in enumerate(stories):
         if i % every == 0:
@@ -510,7 +456,7 @@ def spread_sample(stories, limit):
 
 
 def first_chars(stories, limit):
-    """The first stories of stories that fit within limit characters together (at least one)."""
+    """The first of stories that fit within limit characters together (at least one)."""
     kept, size = [], 0
     with closing(stories):
         for story in stories:

@@ -133,6 +133,23 @@ def test_a_shuffled_stream_resumes_exactly(stories_dir):
         assert ids == whole, f"resumed after {stop} batches"
 
 
+def test_the_saved_state_is_one_flat_dict_with_the_keys_checkpoints_hold(stories_dir):
+    batches = Batches(open_split(str(stories_dir), "train"), Tokenizer.from_texts(make_stories(300, 0)), 4, 100,
+                      shuffle=64)
+    windows(batches, 37)  # mid-epoch, within a run of rows
+    assert set(batches.state_dict()) == {"dataset", "order", "taken", "chunks", "shards", "buffer", "queue", "rest",
+                                         "open", "epoch", "story", "epoch_ids"}
+
+
+def test_a_loaded_state_is_saved_again_unchanged(stories_dir):
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+    first = Batches(open_split(str(stories_dir), "train"), tok, batch_size=4, block_size=100, shuffle=64)
+    windows(first, 37)
+    resumed = Batches(open_split(str(stories_dir), "train"), tok, batch_size=4, block_size=100, shuffle=64)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.state_dict() == first.state_dict()
+
+
 def test_training_reads_held_out_data_and_txt_lines_in_their_stored_order(stories_dir, tmp_path, capsys):
     tok = Tokenizer.from_texts(make_stories(300, 0))
     cfg = {"dataset": str(stories_dir), "holdout_every": 20, "shuffle": 64, "seed": 0, "batch_size": 4,

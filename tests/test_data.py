@@ -344,7 +344,7 @@ def write_row_groups(path, stories, rows_per_group):
 
 def test_a_parquet_file_is_streamed_one_row_group_at_a_time(tmp_path):
     # pyarrow reads a file it scans ahead to its end in the background, holding what it decoded:
-    # a scan per row group (a shard each) keeps that to one row group. bench.py --rss measures the
+    # a scan per row group (a shard each) keeps that to one row group. experiments/memory.py measures the
     # memory itself; here, that the shards are row groups, and that ranks split them.
     stories = make_stories(40, 0)
     path = tmp_path / "groups.parquet"

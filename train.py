@@ -51,56 +51,9 @@ READS = ("data", "model", "training", "evaluation and progress", "checkpoints", 
 
 
 def settings(argv):
-    """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
+    """config.py's settings with argv's overrides, checked (config.check); STAGES parsed into cfg["stages"]."""
     cfg = config.load(argv, __doc__, READS)
-    positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
-                "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
-                "keep_checkpoints", "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise UserError(f"--{key} must be positive, not {cfg[key]}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
-                "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key} must not be negative, not {cfg[key]}")
-    if not 0 <= cfg["cooldown"] <= 1:
-        raise UserError(f"--cooldown is a fraction of the run, from 0 to 1, not {cfg['cooldown']}")
-    if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
-        raise UserError("--dropout, --beta1 and --beta2 must be at least 0 and below 1")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise UserError(f"--n_embd={cfg['n_embd']} does not split into --n_head={cfg['n_head']} heads: "
-                        "make n_embd a multiple of n_head")
-    if cfg["stages"]:
-        try:
-            stages = [int(s) for s in cfg["stages"].split(",")]
-        except ValueError:
-            raise UserError(f"--stages takes step counts separated by commas, as in --stages=30,30, "
-                            f"not {cfg['stages']!r}") from None
-        if min(stages) <= 0:
-            raise UserError(f"every stage needs at least one step: --stages={cfg['stages']}")
-        if cfg["max_steps"] not in (config.MAX_STEPS, sum(stages)):
-            raise UserError(f"--stages={cfg['stages']} adds up to {sum(stages)} steps but --max_steps is "
-                            f"{cfg['max_steps']}: leave --max_steps out, or make the two agree")
-        cfg["stages"], cfg["max_steps"] = stages, sum(stages)
-    else:
-        cfg["stages"] = [cfg["max_steps"]]
-    named = {arg.split("=")[0].replace("-", "_").lower()[2:] for arg in argv}  # the settings given by name
-    if cfg["eval_only"] and "eval_chars" not in named:
-        cfg["eval_chars"] = 0  # the whole validation split
-    shortest, what = min(cfg["stages"]), "shortest stage" if len(cfg["stages"]) > 1 else "run"
-    if cfg["warmup_steps"] > shortest:
-        if "warmup_steps" in named:
-            raise UserError(f"--warmup_steps={cfg['warmup_steps']} is longer than the {what} ({shortest} steps): "
-                            "lower --warmup_steps")
-        # Not asked for by name: a short run (--max_steps=50) should just work.
-        cfg["warmup_steps"] = shortest // 10
-        if os.environ.get("RANK", "0") == "0":
-            print(f"note: warmup of {cfg['warmup_steps']} steps, a tenth of the {shortest}-step {what} "
-                  f"(WARMUP_STEPS={config.WARMUP_STEPS} is longer than it; --warmup_steps sets it)")
-    if cfg["init_from"] and not cfg["eval_only"]:  # left to the checkpoint (checkpoint.inherit), unless given
-        for key in (*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"):
-            if key not in named:
-                cfg[key] = None
+    config.check(cfg, argv, inherited=(*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"))
     return cfg
 
 

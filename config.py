@@ -91,7 +91,6 @@ GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
 TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
-CUDA_GRAPH = True  # on CUDA, replay each character's step as one captured CUDA graph; False: kernel by kernel
 
 # --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error

@@ -9,11 +9,8 @@ from config import UserError
 
 
 class Metrics:
-    """OUT_DIR/metrics.jsonl: one JSON object per progress line and per evaluation; and, with
-    WANDB_PROJECT, the same rows logged to W&B.
-
-    wandb_id is the W&B run a resumed run continues (kept in its checkpoint), None for a new one;
-    self.wandb_id is the one to keep. wandb is imported only when WANDB_PROJECT is set."""
+    """OUT_DIR/metrics.jsonl, and with WANDB_PROJECT the same rows logged to W&B (wandb imported only
+    then). wandb_id: the W&B run a resumed run continues, kept in its checkpoint; self.wandb_id, the one to keep."""
 
     def __init__(self, out_dir, resume_step, cfg, wandb_id=None):
         self.wandb, self.wandb_id = None, wandb_id  # an id is kept even by a run that does not log to W&B

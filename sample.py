@@ -4,11 +4,9 @@
     python sample.py --greedy --max_new_tokens=300
     python sample.py --num_samples=4 --top_k=10 --temperature=0.9 --seed=7
 
-Loads --checkpoint=PATH, or the newest checkpoint in --out_dir (default checkpoints), or, where
-the default --out_dir holds none yet, the model shipped in pretrained/ (and says so). Runs on
-cuda, else cpu (--device to choose; --device=mps on Apple silicon). The prompt and its continuation go to stdout
-and nothing else does; notes and warnings go to stderr. Every setting is in config.py under
-"sampling"; `python sample.py --help` lists them.
+Loads --checkpoint=PATH, or the newest checkpoint in --out_dir, or, where the default --out_dir holds
+none yet, the model shipped in pretrained/ (and says so). Runs on cuda, else cpu (--device=mps on
+Apple silicon). Only the prompt and its continuation go to stdout; notes go to stderr.
 """
 
 import sys
@@ -55,9 +53,7 @@ def main(argv):
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:
         raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
     device = pick_device(cfg["device"])
-    if device.type == "cpu":
-        # One character at a time is too little work to share between threads: more threads only
-        # add synchronisation, and collapse when other programs want the cores too.
+    if device.type == "cpu":  # one character is too little work to share: more threads only wait on each other
         torch.set_num_threads(1)
     model, tokenizer = load_model(cfg, device)
     if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:

@@ -181,21 +181,24 @@ class RowReader:
     has read, the epoch."""
 
     def __init__(self, ds, shuffle, seed):
-        self.ds, self.shuffle, self.seed = ds, max(shuffle, 1), seed
-        self.start = ds.state_dict()  # where every epoch begins
-        self.rows = None
-        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in
-        # hand (chunk) begin, and past the rows read. A resume has their order, and reads them again.
-        self.at = self.chunk_at = self.start
+        self.ds, self.shuffle, self.seed, self.rows = ds, max(shuffle, 1), seed, None
+        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in hand
+        # (chunk) begin, and past the rows read. A resume has their order, and reads them again.
+        self.start = self.at = self.chunk_at = ds.state_dict()  # start: where every epoch begins
         self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
     def next_row(self):
         """The next row, or None at the end of the data, after which the next epoch begins."""
         if len(self.chunk) < len(self.order):  # resumed
             self.chunk = self._read_rows(len(self.order))
-        if self.taken == len(self.order):
-            self._read_run()
-        if not self.order:
+        if self.taken == len(self.order):  # the next run
+            self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
+            self.order = list(range(len(self.chunk)))
+            if self.shuffle > 1:  # a generator of its own: not training's random state
+                seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63
+                self.order = torch.randperm(len(self.chunk), generator=torch.Generator().manual_seed(seed)).tolist()
+            self.chunks += 1
+        if not self.order:  # the end of the data
             self.rows, self.chunks, self.epoch = None, 0, self.epoch + 1
             self.ds.load_state_dict(self.start)
             self.at = self.chunk_at = self.start
@@ -205,19 +208,9 @@ class RowReader:
         self.taken += 1
         return row
 
-    def _read_run(self):
-        self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
-        self.order = list(range(len(self.chunk)))
-        if self.shuffle > 1 and len(self.chunk) > 1:  # a generator of its own: not training's random state
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63)
-            self.order = torch.randperm(len(self.chunk), generator=g).tolist()
-        self.chunks += 1
-
     def _read_rows(self, n, limit=float("inf")):
         """Up to n rows from self.at on, fewer at the end of the data or at limit characters."""
-        if self.rows is None:
-            self.rows = iter(self.ds)
-        rows, size = [], 0
+        self.rows, rows, size = self.rows or iter(self.ds), [], 0
         try:
             while len(rows) < n and size < limit and (row := next(self.rows, None)) is not None:
                 rows.append(row)

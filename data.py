@@ -46,19 +46,18 @@ def open_split(dataset, split, rank=0, world_size=1):
     if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
         raise UserError(f"{dataset} is an empty folder: put the data files in it (data/train-*.parquet, "
                         "data/validation-*.parquet) or point --dataset at the folder that has them")
-    if path.is_file():
-        if path.suffix not in BUILDERS:
-            raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
-                            "--dataset at a folder in the hub's layout")
-        if path.suffix == ".txt":
-            splits = {"train": datasets.IterableDataset.from_generator(
-                read_txt, datasets.Features({"text": datasets.Value("string")}), {"path": str(path)})}
-        else:
-            splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True)
+    if path.is_file() and path.suffix not in BUILDERS:
+        raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
+                        "--dataset at a folder in the hub's layout")
+    hub = datasets.config.HF_ENDPOINT  # HF_ENDPOINT, or the hub itself
+    if is_line_based(path):
+        splits = {"train": datasets.IterableDataset.from_generator(
+            read_txt, datasets.Features({"text": datasets.Value("string")}), {"path": str(path)})}
+    elif path.is_file():
+        splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True)
     elif path.is_dir():
         splits = datasets.load_dataset(str(path), streaming=True)
     else:
-        hub = datasets.config.HF_ENDPOINT  # HF_ENDPOINT, or the hub itself
         try:
             splits = datasets.load_dataset(dataset, streaming=True)
         except ConnectionError as e:  # datasets has already retried
@@ -67,23 +66,20 @@ def open_split(dataset, split, rank=0, world_size=1):
         except FileNotFoundError as e:  # datasets' DatasetNotFoundError is one
             raise UserError(f"{dataset} is neither a local file or folder nor a dataset on the hub at {hub} "
                             "that can be read: check the name, or pass --dataset=<a local copy>") from e
-    ds = splits.get(split)
-    if ds is None:
+    if split not in splits:
         return None
-    kind = (ds.features or {}).get("text")
+    kind = (splits[split].features or {}).get("text")
     if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
         raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
                         "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
     # A shard per parquet row group, not per file: pyarrow's threads read and decode all the rest of a file ahead
     # once its scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
     try:
-        ds = ds.reshard()  # reads the footer of every parquet file, from the hub too
+        ds = splits[split].reshard()  # reads the footer of every parquet file, from the hub too
     except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
         raise UserError(f"cannot read the files of {dataset} ({type(e).__name__}: {e}): check that they can "
                         "be read, or pass --dataset=<a local copy>") from e
-    if world_size > 1:
-        ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    return ds
+    return datasets.distributed.split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
 
 
 def read_txt(path):
@@ -113,41 +109,37 @@ def row_text(row, lines):
 
 
 def stories(ds, lines, limit=float("inf")):
-    """The stories of a split; once limit characters are read, the story being read ends there, and so does it."""
-    rows, texts, size = iter(ds), [], 0
-    try:
+    """The stories of a split; once limit characters are read, the story being read ends there, and so does it.
+    What was read is joined only where a story ends, so a long story is not copied over and over."""
+    texts, size = [], 0
+    with closing(iter(ds)) as rows:  # a stream left open complains at exit
         for row in rows:
             text = row_text(row, lines)
             size += len(text)
-            if SEPARATOR in text:  # what was read is joined only when a story ends: once per story
-                *complete, rest = ("".join(texts) + text).split(SEPARATOR)
-                yield from (s.strip() for s in complete if s.strip())
+            if SEPARATOR in text:
+                *ended, rest = ("".join(texts) + text).split(SEPARATOR)
+                yield from (s.strip() for s in ended if s.strip())
                 texts = [rest]
             else:
                 texts.append(text)
             if size >= limit:
                 break
-        rest = "".join(texts).strip()
-        if rest:
-            yield rest
-    finally:
-        rows.close()  # a stream left open complains at exit
+    if rest := "".join(texts).strip():
+        yield rest
 
 
 def first_stories(ds, lines, n):
     """The first n stories of a split's first VOCABULARY_TEXT characters, so that a text without separators
     is not read whole."""
-    with closing(stories(ds, lines, VOCABULARY_TEXT)) as it:
-        return list(islice(it, n))
+    with closing(stories(ds, lines, VOCABULARY_TEXT)) as found:
+        return list(islice(found, n))
 
 
 def vocabulary_stories(dataset, n):
     """The first n stories of dataset's train split, the vocabulary's text: the same on every rank."""
-    ds = open_split(dataset, "train")
-    if ds is None:
+    if (ds := open_split(dataset, "train")) is None:
         raise UserError(f"{dataset} has no train split")
-    found = first_stories(ds, is_line_based(dataset), n)
-    if not found:
+    if not (found := first_stories(ds, is_line_based(dataset), n)):
         raise UserError(f"{dataset} holds no text in its train split: check that it is the right data")
     return found
 
@@ -453,8 +445,8 @@ def first_chars(stories, limit):
     kept, size = [], 0
     with closing(stories):
         for story in stories:
-            if kept and size + len(story) > limit:
+            size += len(story)
+            if kept and size > limit:
                 break
             kept.append(story)
-            size += len(story)
     return kept

@@ -4,9 +4,9 @@
     batches = Batches(ds, tokenizer, batch_size=64, block_size=128)
     x, y = next(batches)                                     # (64, 128) inputs and next-character targets
 
-Everything is streamed, and text is read from a .txt file and turned into ids at most PIECE characters at
-a time, so no split, line or story is held whole. Batches' state goes into every checkpoint, so a resumed run
-reads on exactly where the stopped one was. docs/data.md tells the whole story.
+Everything is streamed, and text is read and turned into ids at most PIECE characters at a time: no split, line
+or story is held whole. Batches' state goes into every checkpoint, so a resumed run reads on exactly where the
+stopped one was. docs/data.md tells the whole story.
 """
 
 from contextlib import closing
@@ -31,9 +31,8 @@ SHUFFLE_TEXT = 1 << 24  # characters: the most text that Batches reads ahead to 
 
 
 def open_split(dataset, split, rank=0, world_size=1):
-    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such. Each rank
-    streams its own share: whole shards where they divide evenly among the ranks, else every world_size-th
-    story."""
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such; each rank's
+    share: whole shards where they divide evenly among the ranks, else every world_size-th story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
@@ -72,8 +71,8 @@ def open_split(dataset, split, rank=0, world_size=1):
     if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
         raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
                         "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
-    # A shard per parquet row group, not per file: pyarrow's threads read and decode all the rest of a file ahead
-    # once its scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
+    # A shard per parquet row group, not per file: pyarrow reads and decodes all the rest of a file ahead once its
+    # scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
     try:
         ds = splits[split].reshard()  # reads the footer of every parquet file, from the hub too
     except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
@@ -129,8 +128,7 @@ def stories(ds, lines, limit=float("inf")):
 
 
 def first_stories(ds, lines, n):
-    """The first n stories of a split's first VOCABULARY_TEXT characters, so that a text without separators
-    is not read whole."""
+    """The first n stories of a split's first VOCABULARY_TEXT characters: a text without separators isn't read whole."""
     with closing(stories(ds, lines, VOCABULARY_TEXT)) as found:
         return list(islice(found, n))
 
@@ -166,17 +164,16 @@ class EmptyData(UserError):
 
 
 class RowReader:
-    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT
-    characters), each handed on in a random order of its own drawn from seed, the epoch and the run; with
-    shuffle at most 1, a row at a time as stored. The state: the stream's position at the first row in hand
-    and its number of shards, the order of the rows in hand and how many were handed on, the runs this epoch
-    has read, the epoch."""
+    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT characters),
+    each in a random order of its own drawn from seed, the epoch and the run; with shuffle at most 1, as stored. The
+    state: the stream's position at the first row in hand and its shard count, the order of the rows in hand and how
+    many were handed on, the runs this epoch has read, the epoch."""
 
     def __init__(self, ds, shuffle, seed):
         self.ds, self.shuffle, self.seed, self.rows = ds, max(shuffle, 1), seed, None
-        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in hand
-        # (chunk) begin, and past the rows read. A resume has their order, and reads them again.
-        self.start = self.at = self.chunk_at = ds.state_dict()  # start: where every epoch begins
+        # ds.state_dict() tells a position only once a row is read, so two are kept: past the rows read (at), and
+        # where the rows in hand begin (chunk_at), from which a resume reads them again. Each epoch begins at start.
+        self.start = self.at = self.chunk_at = ds.state_dict()
         self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
     def next_row(self):
@@ -223,8 +220,7 @@ class RowReader:
                 "shards": self.ds.num_shards, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        # A position is a shard and a row within it: in other shards it would point elsewhere without
-        # a word. Positions saved before shards were row groups have no count.
+        # A position is a shard and a row in it, elsewhere in other shards; those saved before row groups have no count.
         if state.get("shards") != self.ds.num_shards:
             saved = "an unknown number of" if state.get("shards") is None else state["shards"]
             raise UserError(f"the checkpoint's data position counts {saved} shards, the data now has "
@@ -239,16 +235,15 @@ class RowReader:
         self.ds.load_state_dict(state["dataset"])
         self.at = self.chunk_at = state["dataset"]
         # A state saved before rows were read ahead is the position after the row in hand: none to read again.
-        self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
-        self.chunk, self.epoch = [], state["epoch"]  # the rows in hand: read again when first needed
+        self.order, self.taken = list(state.get("order", [])), state.get("taken", 0)
+        self.chunks, self.epoch, self.chunk = state.get("chunks", 0), state["epoch"], []  # chunk: read when needed
 
 
 class StoryReader:
-    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says
-    whether the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters,
-    and of a story longer than two windows (which cannot fit in one) at most a window is held back, so memory
-    and the state stay small. The state: the queue, the held-back text, whether a story is partly handed on
-    (open), and the stories this epoch has begun."""
+    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says whether
+    the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters, and of a story
+    longer than two windows at most a window is held back, so memory and the state stay small. The state: the queue,
+    the held-back text, whether a story is partly handed on (open), and the stories this epoch has begun."""
 
     def __init__(self, rows, lines, keep, window):
         self.rows, self.lines, self.keep, self.window = rows, lines, keep, window
@@ -275,8 +270,7 @@ class StoryReader:
         if not self.open:
             self.rest = self.rest.lstrip()
         if len(self.rest) > 2 * self.window:
-            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
-            # up to a window of it.
+            # Held back: what may begin a separator, and up to a window of whitespace the story may end with (and lose).
             cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.window)
             pieces += self._piece(self.rest[:cut], ends=False)
             self.rest = self.rest[cut:]
@@ -346,10 +340,9 @@ class WindowPacker:
 
 
 class Batches:
-    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of
-    block_size + 1 ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th
-    story of an epoch is used; with shuffle, rows are whole stories (the hub's layout) and keep must be None.
-    The state is the parts' states in one flat dict, as checkpoints have always held it."""
+    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of block_size + 1
+    ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th story of an epoch is used;
+    with shuffle, rows are whole stories and keep must be None. The state: the parts' states in one flat dict."""
 
     def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
         assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
@@ -427,8 +420,7 @@ def validation_batches(cfg, tokenizer, rank=0, world_size=1):
 
 
 def spread_sample(stories, limit):
-    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters: in
-    one pass, holding at most limit characters."""
+    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters, in one pass."""
     kept, every, size = [], 1, 0
     for i, story in enumerate(stories):
         if i % every == 0:

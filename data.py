@@ -229,9 +229,8 @@ class RowReader:
                             "in another --out_dir")
         if state["dataset"]["examples_iterable"]["type"] != self.start["examples_iterable"]["type"]:
             # Another kind of reader's position, which datasets would fail on (a KeyError) once reading began.
-            raise UserError("the checkpoint's data position was saved by an earlier version of this code, which "
-                            "read .txt files otherwise: resume with that version, or train anew in another "
-                            "--out_dir")
+            raise UserError("the checkpoint's data position was saved by an earlier version of this code, which read "
+                            ".txt files otherwise: resume with that version, or train anew in another --out_dir")
         self.ds.load_state_dict(state["dataset"])
         self.at = self.chunk_at = state["dataset"]
         # A state saved before rows were read ahead is the position after the row in hand: none to read again.

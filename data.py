@@ -4,9 +4,9 @@
     batches = Batches(ds, tokenizer, batch_size=64, block_size=128)
     x, y = next(batches)                                     # (64, 128) inputs and next-character targets
 
-Everything is streamed, and text is read from a .txt file and turned into ids at most PIECE characters at
-a time, so no split, line or story is held whole. Batches' state goes into every checkpoint, so a resumed run
-reads on exactly where the stopped one was. docs/data.md tells the whole story.
+Everything is streamed, and text is read and turned into ids at most PIECE characters at a time: no split, line
+or story is held whole. Batches' state goes into every checkpoint, so a resumed run reads on exactly where the
+stopped one was. docs/data.md tells the whole story.
 """
 
 from contextlib import closing
@@ -31,9 +31,8 @@ SHUFFLE_TEXT = 1 << 24  # characters: the most text that Batches reads ahead to 
 
 
 def open_split(dataset, split, rank=0, world_size=1):
-    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such. Each rank
-    streams its own share: whole shards where they divide evenly among the ranks, else every world_size-th
-    story."""
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such; each rank's
+    share: whole shards where they divide evenly among the ranks, else every world_size-th story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
@@ -46,19 +45,18 @@ def open_split(dataset, split, rank=0, world_size=1):
     if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
         raise UserError(f"{dataset} is an empty folder: put the data files in it (data/train-*.parquet, "
                         "data/validation-*.parquet) or point --dataset at the folder that has them")
-    if path.is_file():
-        if path.suffix not in BUILDERS:
-            raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
-                            "--dataset at a folder in the hub's layout")
-        if path.suffix == ".txt":
-            splits = {"train": datasets.IterableDataset.from_generator(
-                read_txt, datasets.Features({"text": datasets.Value("string")}), {"path": str(path)})}
-        else:
-            splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True)
+    if path.is_file() and path.suffix not in BUILDERS:
+        raise UserError(f"{path} is not a .txt, .jsonl or .parquet file: convert it, or point "
+                        "--dataset at a folder in the hub's layout")
+    hub = datasets.config.HF_ENDPOINT  # HF_ENDPOINT, or the hub itself
+    if is_line_based(path):
+        splits = {"train": datasets.IterableDataset.from_generator(
+            read_txt, datasets.Features({"text": datasets.Value("string")}), {"path": str(path)})}
+    elif path.is_file():
+        splits = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), streaming=True)
     elif path.is_dir():
         splits = datasets.load_dataset(str(path), streaming=True)
     else:
-        hub = datasets.config.HF_ENDPOINT  # HF_ENDPOINT, or the hub itself
         try:
             splits = datasets.load_dataset(dataset, streaming=True)
         except ConnectionError as e:  # datasets has already retried
@@ -67,23 +65,20 @@ def open_split(dataset, split, rank=0, world_size=1):
         except FileNotFoundError as e:  # datasets' DatasetNotFoundError is one
             raise UserError(f"{dataset} is neither a local file or folder nor a dataset on the hub at {hub} "
                             "that can be read: check the name, or pass --dataset=<a local copy>") from e
-    ds = splits.get(split)
-    if ds is None:
+    if split not in splits:
         return None
-    kind = (ds.features or {}).get("text")
+    kind = (splits[split].features or {}).get("text")
     if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
         raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
                         "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
-    # A shard per parquet row group, not per file: pyarrow's threads read and decode all the rest of a file ahead
-    # once its scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
+    # A shard per parquet row group, not per file: pyarrow reads and decodes all the rest of a file ahead once its
+    # scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
     try:
-        ds = ds.reshard()  # reads the footer of every parquet file, from the hub too
+        ds = splits[split].reshard()  # reads the footer of every parquet file, from the hub too
     except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
         raise UserError(f"cannot read the files of {dataset} ({type(e).__name__}: {e}): check that they can "
                         "be read, or pass --dataset=<a local copy>") from e
-    if world_size > 1:
-        ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    return ds
+    return datasets.distributed.split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
 
 
 def read_txt(path):
@@ -113,41 +108,36 @@ def row_text(row, lines):
 
 
 def stories(ds, lines, limit=float("inf")):
-    """The stories of a split; once limit characters are read, the story being read ends there, and so does it."""
-    rows, texts, size = iter(ds), [], 0
-    try:
+    """The stories of a split; once limit characters are read, the story being read ends there, and so does it.
+    What was read is joined only where a story ends, so a long story is not copied over and over."""
+    texts, size = [], 0
+    with closing(iter(ds)) as rows:  # a stream left open complains at exit
         for row in rows:
             text = row_text(row, lines)
             size += len(text)
-            if SEPARATOR in text:  # what was read is joined only when a story ends: once per story
-                *complete, rest = ("".join(texts) + text).split(SEPARATOR)
-                yield from (s.strip() for s in complete if s.strip())
+            if SEPARATOR in text:
+                *ended, rest = ("".join(texts) + text).split(SEPARATOR)
+                yield from (s.strip() for s in ended if s.strip())
                 texts = [rest]
             else:
                 texts.append(text)
             if size >= limit:
                 break
-        rest = "".join(texts).strip()
-        if rest:
-            yield rest
-    finally:
-        rows.close()  # a stream left open complains at exit
+    if rest := "".join(texts).strip():
+        yield rest
 
 
 def first_stories(ds, lines, n):
-    """The first n stories of a split's first VOCABULARY_TEXT characters, so that a text without separators
-    is not read whole."""
-    with closing(stories(ds, lines, VOCABULARY_TEXT)) as it:
-        return list(islice(it, n))
+    """The first n stories of a split's first VOCABULARY_TEXT characters: a text without separators isn't read whole."""
+    with closing(stories(ds, lines, VOCABULARY_TEXT)) as found:
+        return list(islice(found, n))
 
 
 def vocabulary_stories(dataset, n):
     """The first n stories of dataset's train split, the vocabulary's text: the same on every rank."""
-    ds = open_split(dataset, "train")
-    if ds is None:
+    if (ds := open_split(dataset, "train")) is None:
         raise UserError(f"{dataset} has no train split")
-    found = first_stories(ds, is_line_based(dataset), n)
-    if not found:
+    if not (found := first_stories(ds, is_line_based(dataset), n)):
         raise UserError(f"{dataset} holds no text in its train split: check that it is the right data")
     return found
 
@@ -174,28 +164,30 @@ class EmptyData(UserError):
 
 
 class RowReader:
-    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT
-    characters), each handed on in a random order of its own drawn from seed, the epoch and the run; with
-    shuffle at most 1, a row at a time as stored. The state: the stream's position at the first row in hand
-    and its number of shards, the order of the rows in hand and how many were handed on, the runs this epoch
-    has read, the epoch."""
+    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT characters),
+    each in a random order of its own drawn from seed, the epoch and the run; with shuffle at most 1, as stored. The
+    state: the stream's position at the first row in hand and its shard count, the order of the rows in hand and how
+    many were handed on, the runs this epoch has read, the epoch."""
 
     def __init__(self, ds, shuffle, seed):
-        self.ds, self.shuffle, self.seed = ds, max(shuffle, 1), seed
-        self.start = ds.state_dict()  # where every epoch begins
-        self.rows = None
-        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in
-        # hand (chunk) begin, and past the rows read. A resume has their order, and reads them again.
-        self.at = self.chunk_at = self.start
+        self.ds, self.shuffle, self.seed, self.rows = ds, max(shuffle, 1), seed, None
+        # ds.state_dict() tells a position only once a row is read, so two are kept: past the rows read (at), and
+        # where the rows in hand begin (chunk_at), from which a resume reads them again. Each epoch begins at start.
+        self.start = self.at = self.chunk_at = ds.state_dict()
         self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
     def next_row(self):
         """The next row, or None at the end of the data, after which the next epoch begins."""
         if len(self.chunk) < len(self.order):  # resumed
             self.chunk = self._read_rows(len(self.order))
-        if self.taken == len(self.order):
-            self._read_run()
-        if not self.order:
+        if self.taken == len(self.order):  # the next run
+            self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
+            self.order = list(range(len(self.chunk)))
+            if self.shuffle > 1:  # a generator of its own: not training's random state
+                seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63
+                self.order = torch.randperm(len(self.chunk), generator=torch.Generator().manual_seed(seed)).tolist()
+            self.chunks += 1
+        if not self.order:  # the end of the data
             self.rows, self.chunks, self.epoch = None, 0, self.epoch + 1
             self.ds.load_state_dict(self.start)
             self.at = self.chunk_at = self.start
@@ -205,19 +197,9 @@ class RowReader:
         self.taken += 1
         return row
 
-    def _read_run(self):
-        self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
-        self.order = list(range(len(self.chunk)))
-        if self.shuffle > 1 and len(self.chunk) > 1:  # a generator of its own: not training's random state
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63)
-            self.order = torch.randperm(len(self.chunk), generator=g).tolist()
-        self.chunks += 1
-
     def _read_rows(self, n, limit=float("inf")):
         """Up to n rows from self.at on, fewer at the end of the data or at limit characters."""
-        if self.rows is None:
-            self.rows = iter(self.ds)
-        rows, size = [], 0
+        self.rows, rows, size = self.rows or iter(self.ds), [], 0
         try:
             while len(rows) < n and size < limit and (row := next(self.rows, None)) is not None:
                 rows.append(row)
@@ -238,8 +220,7 @@ class RowReader:
                 "shards": self.ds.num_shards, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        # A position is a shard and a row within it: in other shards it would point elsewhere without
-        # a word. Positions saved before shards were row groups have no count.
+        # A position is a shard and a row in it, elsewhere in other shards; those saved before row groups have no count.
         if state.get("shards") != self.ds.num_shards:
             saved = "an unknown number of" if state.get("shards") is None else state["shards"]
             raise UserError(f"the checkpoint's data position counts {saved} shards, the data now has "
@@ -248,22 +229,20 @@ class RowReader:
                             "in another --out_dir")
         if state["dataset"]["examples_iterable"]["type"] != self.start["examples_iterable"]["type"]:
             # Another kind of reader's position, which datasets would fail on (a KeyError) once reading began.
-            raise UserError("the checkpoint's data position was saved by an earlier version of this code, which "
-                            "read .txt files otherwise: resume with that version, or train anew in another "
-                            "--out_dir")
+            raise UserError("the checkpoint's data position was saved by an earlier version of this code, which read "
+                            ".txt files otherwise: resume with that version, or train anew in another --out_dir")
         self.ds.load_state_dict(state["dataset"])
         self.at = self.chunk_at = state["dataset"]
         # A state saved before rows were read ahead is the position after the row in hand: none to read again.
-        self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
-        self.chunk, self.epoch = [], state["epoch"]  # the rows in hand: read again when first needed
+        self.order, self.taken = list(state.get("order", [])), state.get("taken", 0)
+        self.chunks, self.epoch, self.chunk = state.get("chunks", 0), state["epoch"], []  # chunk: read when needed
 
 
 class StoryReader:
-    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says
-    whether the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters,
-    and of a story longer than two windows (which cannot fit in one) at most a window is held back, so memory
-    and the state stay small. The state: the queue, the held-back text, whether a story is partly handed on
-    (open), and the stories this epoch has begun."""
+    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says whether
+    the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters, and of a story
+    longer than two windows at most a window is held back, so memory and the state stay small. The state: the queue,
+    the held-back text, whether a story is partly handed on (open), and the stories this epoch has begun."""
 
     def __init__(self, rows, lines, keep, window):
         self.rows, self.lines, self.keep, self.window = rows, lines, keep, window
@@ -290,8 +269,7 @@ class StoryReader:
         if not self.open:
             self.rest = self.rest.lstrip()
         if len(self.rest) > 2 * self.window:
-            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
-            # up to a window of it.
+            # Held back: what may begin a separator, and up to a window of whitespace the story may end with (and lose).
             cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.window)
             pieces += self._piece(self.rest[:cut], ends=False)
             self.rest = self.rest[cut:]
@@ -361,10 +339,9 @@ class WindowPacker:
 
 
 class Batches:
-    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of
-    block_size + 1 ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th
-    story of an epoch is used; with shuffle, rows are whole stories (the hub's layout) and keep must be None.
-    The state is the parts' states in one flat dict, as checkpoints have always held it."""
+    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of block_size + 1
+    ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th story of an epoch is used;
+    with shuffle, rows are whole stories and keep must be None. The state: the parts' states in one flat dict."""
 
     def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
         assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
@@ -442,8 +419,7 @@ def validation_batches(cfg, tokenizer, rank=0, world_size=1):
 
 
 def spread_sample(stories, limit):
-    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters: in
-    one pass, holding at most limit characters."""
+    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters, in one pass."""
     kept, every, size = [], 1, 0
     for i, story in enumerate(stories):
         if i % every == 0:
@@ -460,8 +436,8 @@ def first_chars(stories, limit):
     kept, size = [], 0
     with closing(stories):
         for story in stories:
-            if kept and size + len(story) > limit:
+            size += len(story)
+            if kept and size > limit:
                 break
             kept.append(story)
-            size += len(story)
     return kept

@@ -1,7 +1,8 @@
 """Benchmarks on the machine it runs on: the matrix-product rate, training characters/s and MFU,
 sampling characters/s with and without the key/value cache, and the data loader's characters/s,
-each beside the reference implementation (explicit masked-softmax attention, the whole sequence
-recomputed for every sampled character).
+each beside the reference implementation (attention as explicit masked softmax, through
+scaled_dot_product_attention's math backend; the whole context recomputed for every sampled
+character).
 
     python bench.py                                    # default model, the tinystories/ slice
     python bench.py --dataset=PATH --n_embd=512 --n_layer=8
@@ -10,29 +11,23 @@ recomputed for every sampled character).
 Timings are noisy on a shared machine: each figure is the best of a few repeats.
 """
 
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import config
 import optim
 from checkpoint import MODEL_KEYS
 from data import Batches, open_split, training_batches, vocabulary_stories
 from device import autocast_for, compute_dtype, matmul_rate, pick_device, synchronize
-from generate import generate, static_step
-from model import GPT, GPTConfig, offset_keys
+from model import GPT, GPTConfig, pick
 from tokenizer import Tokenizer
-
-
 
 # The settings bench.py reads, for --help.
 READS = ("DATASET", "TOKENIZER_STORIES", *(key.upper() for key in MODEL_KEYS), "BATCH_SIZE", "MUON", "DEVICE")
@@ -43,25 +38,6 @@ HEADER = "| | this project | reference |\n|---|---|---|"
 
 def row(name, ours, ref=""):
     print(f"| {name} | {ours} | {ref} |")
-
-
-def explicit_attention(self, x):
-    """The reference's attention: q @ k^T, a mask, softmax, @ v, written out."""
-    B, T, C = x.shape
-    q, k, v = self.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-    if self.key_offset:
-        k = offset_keys(k)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-    y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
-    return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-def reference(model):
-    for block in model.transformer.h:
-        block.attn.forward = types.MethodType(explicit_attention, block.attn)
-    return model
 
 
 def best_of(repeats, fn):
@@ -96,43 +72,23 @@ def train_rate(model, cfg, device, steps=10):
 
 def sample_rate(model, n, batch=1, use_cache=True, threads=1):
     """Sampled characters/s (all rows together) for n new characters from a one-character prompt,
-    on threads CPU threads (sample.py uses one)."""
+    on threads CPU threads (sample.py uses one); without the cache, the whole context's forward
+    for every character."""
     idx = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
     gen = torch.Generator().manual_seed(0)
+
+    @torch.inference_mode()
+    def uncached():
+        ids = idx
+        for _ in range(n):
+            logits = model(ids[:, -model.config.block_size:])[0]
+            ids = torch.cat([ids, pick(logits, 0.8, 20, gen)], 1)
+
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    seconds = best_of(3, lambda: generate(model, idx, n, 0.8, 20, generator=gen, use_cache=use_cache))
+    seconds = best_of(3, lambda: model.generate(idx, n, 0.8, 20, generator=gen) if use_cache else uncached())
     torch.set_num_threads(default_threads)
     return batch * n / seconds
-
-
-class Operations(TorchDispatchMode):
-    """Counts the tensor operations run under it that compute something: not views, nor a .to() that
-    returns its input. On a GPU each is a kernel launch (or a few) in the captured step."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        fresh = not isinstance(out, torch.Tensor) or out.untyped_storage().data_ptr() not in inputs
-        self.count += func._schema.is_mutable or fresh
-        return out
-
-
-@torch.inference_mode()
-def step_operations(model):
-    """Operations in one sampled character's step, generate.static_step's (what a CUDA graph replays)."""
-    w = {name: t.detach() for name, t in model.state_dict().items()}
-    step, _ = static_step(model, w, 1, 0.8, 20)
-    device = w["lm_head.weight"].device
-    token, gen = torch.zeros(1, 1, dtype=torch.long, device=device), torch.Generator(device)  # the draws' device
-    token = step(token, token, 1, gen)
-    with Operations() as ops:
-        step(token, token, 2, gen)
-    return ops.count
 
 
 def loader_rate(cfg, tokenizer, batches=200):
@@ -235,21 +191,21 @@ def main(argv):
     print(HEADER)
     row("matrix products, 2048 x 2048, in the training dtype",
         f"{peak / 1e9:,.0f} GFLOP/s in {dtype}, a limit of {peak / flops:,.0f} char/s")
-    ours, ref = train_rate(model, cfg, device), train_rate(reference(make()), cfg, device)
+    ours = train_rate(model, cfg, device)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference's attention: explicit masked softmax
+        ref = train_rate(make(), cfg, device)
     row("training (forward, backward, optimizer step)", f"{ours:,.0f} char/s at batch {cfg['batch_size']} x "
         f"{cfg['block_size']}, MFU {ours * flops / peak:.0%}", f"{ref:,.0f} char/s ({ours / ref:.2f}x)")
 
     model.eval()
-    ref_model = reference(make()).eval()
     T = cfg["block_size"]
     cached, short = sample_rate(model, 2000), sample_rate(model, 200)
-    # The reference at whichever thread count suits it better.
-    uncached = max(sample_rate(ref_model, T - 1, use_cache=False, threads=n) for n in (1, torch.get_num_threads()))
+    with sdpa_kernel(SDPBackend.MATH):  # the reference at whichever thread count suits it better
+        uncached = max(sample_rate(model, T - 1, use_cache=False, threads=n) for n in (1, torch.get_num_threads()))
     row("sampling, one stream, top-k 20",
         f"{cached:,.0f} char/s over 2,000 characters ({short:,.0f} over the first 200)",
         f"{uncached:,.0f} char/s over {T - 1} ({cached / uncached:.2f}x)")
     row("sampling, --num_samples=16", f"{sample_rate(model, 500, batch=16):,.0f} char/s")
-    row("operations in one sampled character's step", f"{step_operations(model)} (the CUDA graph's kernels, about)")
     loader = loader_rate(cfg, tokenizer)
     row("loader (stream, tokenize, pack)", f"{loader:,.0f} char/s, {loader / ours:.0f}x what training consumes")
 

@@ -12,8 +12,9 @@ import errno
 import hashlib
 import os
 import random
+import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import filelock
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from config import UserError
 from model import GPTConfig, pair_index
 
-FORMAT = 1  # raised whenever the layout of a checkpoint changes
+FORMAT = 2  # raised whenever the layout of a checkpoint changes; load converts the older ones
 PATTERN = "ckpt_*.pt"
 LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its process id from byte 1 on
 # What to do about a checkpoint that could not be written, by the error number: only a full disk
@@ -31,10 +32,9 @@ LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its
 FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within the disk quota",
          errno.EACCES: "make {} writable", errno.EPERM: "make {} writable", errno.EROFS: "make {} writable",
          errno.ENOENT: "{} was moved or deleted during the run: put it back"}
-# The model settings of config.py (GPTConfig's fields of the same names): a checkpoint must share them
-# with the config to be resumed.
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "rope", "swiglu", "tie_weights", "token_shift", "mlp_hidden",
-              "bigram", "key_offset", "shift_reach", "attn_gate", "shift_gate")
+# The model's shape: GPTConfig's fields but those that come from the tokenizer or only act in training.
+# config.py has a setting of each name; a checkpoint must share them with the config to be resumed.
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout"))
 
 
 def paths(out_dir):
@@ -158,21 +158,34 @@ def load(path):
     except Exception as e:
         raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is another kind of file, "
                         "or truncated or corrupt") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
         found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"checkpoint {path} has format {found}, this code reads format {FORMAT}: "
+        raise UserError(f"checkpoint {path} has format {found}, this code reads formats 1 to {FORMAT}: "
                         "use the version of the code that wrote it, or train anew")
     if "checksum" not in state:
         raise UserError(f"checkpoint {path} has no checksum: an earlier version of this code wrote it; "
                         "train anew, or sample from it with that version")
     if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
+    if state["format"] == 1:  # token shift's shares were named shift_1, shift_2, shift_1_back2, ... (same order)
+        state["model"] = {share_name(name): w for name, w in state["model"].items()}
+        state["format"] = FORMAT
     weights, args = state["model"], state["model_args"]
     if "bigram.weight" in weights and "pair_index" not in weights:  # written when every pair's row was hashed
         weights["pair_index"] = pair_index(len(weights["transformer.wte.weight"]), len(weights["bigram.weight"]))
     if args.get("swiglu") and weights["transformer.h.0.mlp.c_proj.weight"].size(1) != args.get("mlp_hidden"):
         args["mlp_hidden"] = 0  # written when SwiGLU was 8/3 n_embd wide whatever mlp_hidden said
     return state
+
+
+def share_name(name):
+    """The name a weight of a format 1 checkpoint has now: token shift's shares are numbered in the
+    order they were registered in, the sites alternating within each distance back."""
+    shift = re.fullmatch(r"(.*)shift(?:_([12]))?(?:_back(\d+))?", name)
+    if not shift:
+        return name
+    sites, site, back = (2, int(shift[2]), int(shift[3] or 1)) if shift[2] else (1, 1, int(shift[3] or 1))
+    return f"{shift[1]}shift.{(back - 1) * sites + site - 1}"
 
 
 def export(path, dest):

@@ -1,30 +1,22 @@
 """The GPT: token and learned position embeddings, n_layer pre-norm GPT-2 blocks, a final
-LayerNorm and an untied linear head. Plain nn.Module, no framework.
+LayerNorm and an untied linear head. GPT.forward is the one implementation of the network:
+training, evaluation, sampling (GPT.generate, through a KVCache) and explain.py (through a trace)
+all run it.
 
-Switches, all off in GPTConfig, the reference architecture: rotary position embeddings instead of
-learned ones (rope), a SwiGLU MLP instead of GELU (swiglu), a head that shares the token
-embedding's weights (tie_weights), the MLP's hidden width (mlp_hidden), a gate on each attention
-head's output (attn_gate: a sigmoid of a learned n_embd -> n_head projection of the sublayer's
-input, so that a head can add nothing where its average has nothing to say), and three that hand
-the one block what it cannot easily find through attention's averages:
-- token shift (token_shift, RWKV's name for it): each position's embedding, and the input of each
-  sublayer, gets a learned per-channel share of the previous position's added, and with
-  shift_reach k of each of the k positions before; k x n_embd parameters at the embedding and
-  2k x n_embd per block. With shift_gate, what the shares add is scaled at each position by
-  2 sigmoid of a learned n_embd -> 1 projection of that input (from 1), so a character can take
-  more or less of those before it;
-- a bigram table (bigram rows of n_embd, from zero): a learned vector for each pair of (previous,
-  current) characters, added to the input, so the block starts from the pair, not from the two
-  characters apart; the commonest pairs of the training data get a row each (pair_index);
-- key offset (key_offset): the first half of each head's key channels are the previous position's,
-  so a query can match the character before a position and read the one at it: in one layer, the
-  copying of a name seen earlier that otherwise takes two (an induction head).
-The speedrun's recipe in config.py turns the three and both gates on, token shift reaching two
-positions back (docs/speedrun.md says why, with the screens).
-
-Attention goes through torch's scaled_dot_product_attention, which picks a fused (flash)
-kernel on CPU and GPU. Sampling runs generate.py's decode, the same pass written again over
-plain weight tensors with a key/value cache: a change to the network goes there too.
+Switches, all off in GPTConfig, the reference architecture: rotary positions instead of learned
+ones (rope), a SwiGLU MLP (swiglu), a head tied to the token embedding (tie_weights), the MLP's
+width (mlp_hidden), a gate on each attention head (attn_gate: a sigmoid of a learned projection
+of the sublayer's input, so a head can add nothing where its average has nothing to say), and
+three that hand the one block what it cannot easily find through attention's averages:
+- token shift (token_shift, RWKV's name): the embedding and each sublayer's input get a learned
+  per-channel share of the shift_reach positions before added; with shift_gate, scaled at each
+  position by 2 sigmoid of a learned projection of that input, so a character takes more or less;
+- a bigram table (bigram rows, from zero): a learned vector for each (previous, current) pair of
+  characters added to the input, the commonest pairs of the training data a row each (pair_index);
+- key offset (key_offset): the first half of each head's key channels are the previous
+  position's, so a query can match the character before a position and read the one at it: an
+  induction head in one layer.
+config.py's recipe turns them all on, token shift reaching two back (docs/speedrun.md says why).
 """
 
 import math
@@ -55,6 +47,15 @@ class GPTConfig:
     shift_gate: bool = False  # token shift's shares at each position scaled by 2 sigmoid of a projection of its input
 
 
+class KVCache:
+    """What sampling keeps of the positions seen, so a new character costs one position's work: pos,
+    how many, and under each module's own key what it needs of them: attention its keys and values,
+    token shift the inputs before, key offset the last key, the bigram table the last id."""
+
+    def __init__(self):
+        self.pos, self.kept = 0, {}
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al., RoFormer): each pair of channels of a query or key
     is turned by an angle proportional to its position, so q . k depends on their distance."""
@@ -68,13 +69,9 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x, start):
-        """x (..., T, head_dim) at positions start .. start + T - 1, rotated. start is an int, or a
-        one-element tensor (then T is 1), which a CUDA graph can take as an input."""
+        """x (..., T, head_dim) at positions start .. start + T - 1, rotated."""
         T, half = x.size(-2), x.size(-1) // 2
-        if isinstance(start, int):
-            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        else:
-            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -92,27 +89,45 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
         self.key_offset = config.key_offset
 
-    def forward(self, x):
+    def forward(self, x, cache=None, trace=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:
-            q, k = self.rotary(q, 0), self.rotary(k, 0)
+            start = 0 if cache is None else cache.pos
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if self.key_offset:  # a query can then find the position after a match: induction in one layer
-            k = offset_keys(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+            before = None if cache is None else cache.kept.get((self, "key"))
+            if cache is not None:
+                cache.kept[(self, "key")] = k[:, :, -1:]
+            k = offset_keys(k, before)
+        if cache is not None:  # the keys and values of the positions before come first
+            if self in cache.kept:
+                k, v = (torch.cat(pair, 2) for pair in zip(cache.kept[self], (k, v)))
+            cache.kept[self] = k, v
+        if trace is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # the weights themselves, which the fused kernel never holds, for a view of the inside
+            causal = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            att = F.softmax((q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))).masked_fill(~causal, -math.inf), -1)
+            y = att @ v
+            trace["attention"].append(att)
         if self.c_gate is not None:
             y = y * torch.sigmoid(self.c_gate(x)).transpose(1, 2).unsqueeze(-1)
+        if trace is not None:  # each head through its slice of the output projection: what it adds to the stream
+            trace["heads"].append(torch.einsum("bhtd,chd->bhtc", y, self.c_proj.weight.view(C, self.n_head, -1)))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def offset_keys(k):
+def offset_keys(k, before=None):
     """key_offset's keys: k (B, n_head, T, head_dim) with the first half of each position's channels
-    replaced by those of the position before (zeros at position 0)."""
+    replaced by those of the position before; before (B, n_head, 1, head_dim) is the key before the
+    first position, None where there is none (zeros)."""
     half = k.size(-1) // 2
-    return torch.cat((F.pad(k[..., :half], (0, 0, 1, 0))[:, :, :-1], k[..., half:]), dim=-1)
+    before = k.new_zeros(k.size(0), k.size(1), 1, half) if before is None else before[..., :half]
+    return torch.cat((torch.cat((before, k[..., :-1, :half]), 2), k[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -148,29 +163,30 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
+        # Token shift's shares for attention's input and the MLP's, alternating: of the position before,
+        # then of the one two before, ... Registered first, as the parameter order is what an
+        # optimizer's saved state is keyed by.
+        self.shift = shift_shares(config, 2)
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
-        # Per channel, the shares of the positions before in each sublayer's input, from 0: shift_1 and
-        # shift_2 for the one before, shift_1_back2 and shift_2_back2 for the one two before, ...
-        self.shares = share_names(config, ("shift_1", "shift_2"))
-        for name in [name for position in zip(*self.shares) for name in position]:
-            setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
-        self.shift_gate_1, self.shift_gate_2 = (shift_gate(config) for _ in range(2))
+        self.shift_gate_1, self.shift_gate_2 = shift_gate(config), shift_gate(config)
 
-    def forward(self, x):
-        h = mix(self.ln_1(x), [getattr(self, name) for name in self.shares[0]], self.shift_gate_1)
-        x = x + self.attn(h)
-        h = mix(self.ln_2(x), [getattr(self, name) for name in self.shares[1]], self.shift_gate_2)
-        return x + self.mlp(h)
+    def forward(self, x, cache=None, trace=None):
+        shares = list(self.shift)
+        x = x + self.attn(mix(self.ln_1(x), shares[0::2], self.shift_gate_1, cache, (self, 1)), cache, trace)
+        out = self.mlp(mix(self.ln_2(x), shares[1::2], self.shift_gate_2, cache, (self, 2)))
+        if trace is not None:
+            trace["mlp"].append(out - self.mlp.c_proj.bias)
+        return x + out
 
 
-def share_names(config, sites):
-    """token_shift's parameter names, [[site's share of the position before, of the one two before,
-    ...] for each site]; empty lists without token_shift."""
-    reach = config.shift_reach if config.token_shift else 0
-    return [[site + (f"_back{k}" if k > 1 else "") for k in range(1, reach + 1)] for site in sites]
+def shift_shares(config, sites):
+    """token_shift's shares (per channel, from 0) of shift_reach positions for each of sites sites:
+    an empty list without token_shift."""
+    n = sites * config.shift_reach if config.token_shift else 0
+    return nn.ParameterList(nn.Parameter(torch.zeros(config.n_embd)) for _ in range(n))
 
 
 def shift_gate(config):
@@ -179,21 +195,27 @@ def shift_gate(config):
     return nn.Linear(config.n_embd, 1) if config.token_shift and config.shift_gate else None
 
 
-def mix(x, shares, gate=None):
+def mix(x, shares, gate=None, cache=None, key=None):
     """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k; with
     gate (shift_gate's projection) what the shares add is scaled at each position by 2 sigmoid(gate(x)),
-    so that a character can take more or less of those before it."""
+    so that a character can take more or less of those before it. cache keeps, under key, the inputs
+    of the positions before x's first (zeros before the first position)."""
     if not shares:
         return x
-    out = Mix.apply(x, *shares)
+    if cache is None:
+        out = Mix.apply(x, *shares)
+    else:
+        reach = len(shares)
+        full = torch.cat((cache.kept.get(key, x.new_zeros(x.size(0), reach, x.size(2))), x), 1)
+        cache.kept[key] = full[:, -reach:]
+        out = Mix.apply(full, *shares)[:, reach:]
     return out if gate is None else x + 2 * torch.sigmoid(gate(x)) * (out - x)
 
 
 class Mix(torch.autograd.Function):
-    """mix, its gradient written out: each share's product is added into a slice in place, so that
-    neither pass makes the padded copies of x and the zero-filled gradients of them that autograd's
-    form of it (x + share * pad(x)[:, :-k]) does: the speedrun's recipe trains 1.066 times as fast
-    on one CPU thread (docs/speedrun.md, "After record 8")."""
+    """mix's shares added, its gradient written out: each product added into a slice in place, without
+    the padded copies and zero-filled gradients of autograd's x + share * pad(x)[:, :-k]: the recipe
+    trains 1.066 times as fast on one CPU thread (docs/speedrun.md, "After record 8")."""
 
     @staticmethod
     def forward(ctx, x, *shares):
@@ -220,12 +242,10 @@ PAIR_HASH = 1_000_003
 
 
 def pair_index(vocab_size, bigram, counts=None):
-    """The bigram table's row for each pair of ids, as a (vocab_size + 1, vocab_size) table indexed by
-    (previous + 1, current); previous is -1 at a window's start, where none is in view. Each pair is
-    hashed to ((previous + 1) * PAIR_HASH + current) % bigram. With counts, a table of that shape (how
-    often each pair occurs in the training text), the bigram commonest pairs get a row each instead,
-    commonest first, and the rest keep their hashed rows: hashed, common pairs share rows too
-    (docs/speedrun.md measures what a row of their own is worth)."""
+    """The bigram table's row for each pair of ids, a (vocab_size + 1, vocab_size) table indexed by
+    (previous + 1, current), previous -1 at a window's start: ((previous + 1) * PAIR_HASH + current)
+    % bigram. With counts (how often each pair occurs in the training text, of that shape), the
+    bigram commonest pairs get a row each instead, commonest first (docs/speedrun.md measures it)."""
     index = (torch.arange(vocab_size + 1).view(-1, 1) * PAIR_HASH + torch.arange(vocab_size)) % bigram
     if counts is not None:
         top = counts.flatten().argsort(descending=True, stable=True)[:bigram]
@@ -247,6 +267,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.shift = shift_shares(config, 1)  # token shift's at the embedding; first, as the blocks' are
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -262,9 +283,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        self.shares = share_names(config, ["shift"])[0]  # the embedding's shares, as the blocks'
-        for name in self.shares:
-            setattr(self, name, nn.Parameter(torch.zeros(config.n_embd)))
         self.shift_gate = shift_gate(config)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -296,26 +314,78 @@ class GPT(nn.Module):
         c = self.config
         return 6 * matrix_weights + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None):
-        """Logits for every position when training (targets given), else for the last one only.
-        generate.decode is this pass and the blocks' again, for sampling: a change here goes there too."""
+    def forward(self, idx, targets=None, cache=None, trace=None):
+        """(logits, loss): logits for every position when training (targets given), else for the last
+        one only. With cache (a KVCache) idx's positions come after those the cache holds, whose
+        keys, values and the rest they read, and what later calls need of them is kept there; a
+        cache takes a prompt, then one id at a time. With trace (a dict), what explain.py shows is
+        put there: "terms", the parts that add up to the residual stream entering ln_f, by name, and
+        "attention", each block's attention weights (B, n_head, T, T)."""
         B, T = idx.shape
-        assert T <= self.config.block_size, "sequence longer than block_size"
-        x = self.transformer.wte(idx)
+        start = 0 if cache is None else cache.pos
+        assert start + T <= self.config.block_size, "sequence longer than block_size"
+        assert start == 0 or T == 1, "a cache takes a prompt first, then one id at a time"
+        x = tok = self.transformer.wte(idx)
         if not self.config.rope:
-            x = x + self.transformer.wpe.weight[:T]  # a slice: cheaper than a lookup
-        x = mix(x, [getattr(self, name) for name in self.shares], self.shift_gate)
+            x = x + self.transformer.wpe.weight[start:start + T]  # a slice: cheaper than a lookup
+        shifted = mix(x, list(self.shift), self.shift_gate, cache, self)
+        if trace is not None:
+            trace.update(terms={"token": tok}, attention=[], heads=[], mlp=[])
+            if not self.config.rope:
+                trace["terms"]["position"] = self.transformer.wpe.weight[start:start + T].expand_as(tok)
+            if self.config.token_shift:
+                trace["terms"]["shift"] = shifted - x
+        x = shifted
         if self.config.bigram:
-            x = x + self.bigram(pair_rows(idx, self.pair_index))
+            rows = self.bigram(pair_rows(idx, self.pair_index, None if start == 0 else cache.kept[self.bigram]))
+            if cache is not None:
+                cache.kept[self.bigram] = idx[:, -1:]
+            if trace is not None:
+                trace["terms"]["bigram"] = rows
+            x = x + rows
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache, trace)
         x = self.transformer.ln_f(x)
+        if trace is not None:
+            record_blocks(trace, self)
+        if cache is not None:
+            cache.pos += T
         if targets is None:
             return self.lm_head(x[:, -1, :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.inference_mode()  # cheaper than no_grad: no version counters on the new tensors
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, eos_id=None, generator=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens ids; one list of new ids per row.
+        temperature 0 is greedy; top_k > 0 samples among the k likeliest only. A row stops at eos_id,
+        looked for every EOS_CHECK ids (each look waits for the device; what a row drew past its end
+        is trimmed). When the key/value cache is full it starts again from the last block_size // 2
+        ids, so every step sees at least that many and costs the same."""
+        T = self.config.block_size
+        draw_on = torch.device("cpu") if idx.device.type == "mps" else idx.device  # see pick
+        if generator is not None and generator.device != draw_on:  # one for the device, seeded from it
+            generator = torch.Generator(draw_on).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        cache, new = KVCache(), []
+        logits = self(idx[:, -T:], cache=cache)[0]
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # the rows that drew eos_id
+        while len(new) < max_new_tokens:
+            new.append(pick(logits, temperature, top_k, generator))
+            if eos_id is not None and len(new) % EOS_CHECK == 0:
+                done |= (torch.cat(new[-EOS_CHECK:], 1) == eos_id).any(1)
+                if done.all():
+                    break
+            if len(new) == max_new_tokens:
+                break
+            if cache.pos == T:
+                cache = KVCache()
+                logits = self(torch.cat([idx, *new[-(T // 2):]], 1)[:, -(T // 2):], cache=cache)[0]
+            else:
+                logits = self(new[-1], cache=cache)[0]
+        rows = torch.cat(new, 1).tolist() if new else [[] for _ in range(idx.size(0))]
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
     def param_groups(self, weight_decay, muon=False):
         """(AdamW's parameter groups, Muon's parameters) for optim.optimizer: weight decay on the
@@ -332,6 +402,36 @@ class GPT(nn.Module):
         if self.config.bigram:
             groups.append({"params": [self.bigram.weight], "weight_decay": weight_decay, "name": "bigram"})
         return groups, hidden
+
+
+def record_blocks(trace, model):
+    """The blocks' terms of trace: each head's and each MLP's output, and the output projections'
+    biases summed."""
+    for i, (heads, mlp) in enumerate(zip(trace.pop("heads"), trace.pop("mlp"))):
+        trace["terms"].update({f"block{i}.head{h}": heads[:, h] for h in range(heads.size(1))})
+        trace["terms"][f"block{i}.mlp"] = mlp
+    biases = sum(block.attn.c_proj.bias + block.mlp.c_proj.bias for block in model.transformer.h)
+    trace["terms"]["biases"] = biases.expand_as(trace["terms"]["token"])
+
+
+# generate looks for the end of a story every this many ids: each look waits for the device.
+EOS_CHECK = 32
+
+
+def pick(logits, temperature, top_k, generator=None):
+    """The next id for each row of logits (B, vocab), as a (B, 1) tensor on logits' device."""
+    device, logits = logits.device, logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if device.type == "mps":  # sampling ops on MPS have returned out-of-range indices: drawn on the CPU
+        return pick(logits.cpu(), temperature, top_k, generator).to(device)
+    if top_k:
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
+    # The largest p_i / e_i, with each e_i drawn from Exp(1), is i with probability p_i:
+    # torch.multinomial's distribution at a third of its cost for one row, and no wait for the host.
+    probs = F.softmax(logits / temperature, dim=-1)
+    choice = probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
+    return ids.gather(1, choice) if top_k else choice
 
 
 def grow_vocabulary(weights, model):

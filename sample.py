@@ -20,7 +20,6 @@ import checkpoint
 import config
 from config import UserError
 from device import pick_device
-from generate import generate
 from model import GPT, GPTConfig
 from tokenizer import EOS, load_tokenizer
 
@@ -80,9 +79,8 @@ def main(argv):
     temperature = 0.0 if cfg["greedy"] else cfg["temperature"]
     generator = torch.Generator().manual_seed(cfg["seed"])
     idx = torch.tensor([context] * cfg["num_samples"], dtype=torch.long, device=device)
-    outs = generate(model, idx, cfg["max_new_tokens"], temperature, cfg["top_k"],
-                    eos_id=None if cfg["ignore_eos"] else EOS, generator=generator,
-                    graph=None if cfg["cuda_graph"] else False)
+    outs = model.generate(idx, cfg["max_new_tokens"], temperature, cfg["top_k"],
+                          eos_id=None if cfg["ignore_eos"] else EOS, generator=generator)
     texts = [prompt + tokenizer.decode(out[:-1] if out and out[-1] == EOS and not cfg["ignore_eos"] else out)
              for out in outs]
     print("\n---\n".join(texts))

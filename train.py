@@ -40,7 +40,6 @@ import optim
 from metrics import Metrics, plot_losses
 from config import UserError
 from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device, rank_device
-from generate import generate
 from model import GPT, GPTConfig, grow_vocabulary, pair_index
 from tokenizer import EOS, build_tokenizer, load_tokenizer
 
@@ -164,8 +163,8 @@ def sample(model, prompt, tokenizer, cfg, device, step):
     untouched (the same losses with samples as without) and a resumed run draws the samples the unbroken
     one did. generate keeps the last block_size ids of a long prompt."""
     model.eval()
-    out = generate(model, torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
-                   cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
+    out = model.generate(torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
+                         cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
     model.train()
     return cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
 

@@ -14,29 +14,29 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import decode, new_cache  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, KVCache  # noqa: E402
 from speed import VOCAB, trainer  # noqa: E402
 
 
-def decode_cost(n_embd, steps=2000):
-    """(microseconds, operator calls) for one cached decode step at position 64, one thread."""
+def decode_cost(n_embd, rounds=40):
+    """(microseconds, operator calls) for one cached step of the forward, positions 64 to 126, one thread."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_embd=n_embd)).eval()
-    w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = new_cache(model, 1, torch.empty(0))
-    idx = torch.tensor([[3]])
+    prompt, idx, seconds = torch.zeros(1, 64, dtype=torch.long), torch.tensor([[3]]), 0.0
     with torch.inference_mode():
-        for _ in range(200):
-            decode(model, w, idx, 64, cache)
-        start = time.perf_counter()
-        for _ in range(steps):
-            decode(model, w, idx, 64, cache)
-        seconds = (time.perf_counter() - start) / steps
+        for _ in range(rounds):
+            cache = KVCache()
+            model(prompt, cache=cache)
+            start = time.perf_counter()
+            for _ in range(63):
+                model(idx, cache=cache)
+            seconds += time.perf_counter() - start
+        cache = KVCache()
+        model(prompt, cache=cache)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode(model, w, idx, 64, cache)
+            model(idx, cache=cache)
     top_level = [e for e in prof.events() if e.cpu_parent is None]
-    return seconds * 1e6, len(top_level)
+    return seconds / (rounds * 63) * 1e6, len(top_level)
 
 
 def main():

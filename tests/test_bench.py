@@ -17,5 +17,5 @@ def test_the_benchmark_names_its_rows_as_the_docs_speed_table_does(stories_dir, 
     bench.main([f"--dataset={stories_dir}", "--device=cpu", "--n_embd=32", "--n_head=2", "--block_size=32",
                 "--batch_size=8"])
     printed = table_rows(capsys.readouterr().out)
-    assert len(printed) == 6
+    assert len(printed) == 5
     assert set(printed) <= set(table_rows((ROOT / "docs" / "speed.md").read_text()))

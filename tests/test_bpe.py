@@ -13,6 +13,7 @@ import sample
 import train
 from config import UserError
 from conftest import TINY, assert_resume_is_exact
+from model import GPT
 from tokenizer import EOS, load_tokenizer
 
 BPE = ["--tokenizer=bpe", "--vocab_size=300"]
@@ -123,15 +124,15 @@ def test_sampling_a_bpe_model_prints_text_in_its_own_tokens(trained, capsys, mon
     tok = load_tokenizer(checkpoint.load(checkpoint.paths(trained)[0])["tokenizer"])
     the = tok.encode(" the")
     assert len(the) == 1  # one token of four characters
-    monkeypatch.setattr("generate.pick", lambda logits, *args: torch.tensor([[the[0]]]))
+    monkeypatch.setattr("model.pick", lambda logits, *args: torch.tensor([[the[0]]]))
     printed = generate(capsys, trained, "--prompt=Once upon a time", "--max_new_tokens=5")
     assert printed.out == "Once upon a time" + " the" * 5 + "\n"  # --max_new_tokens counts tokens
 
 
 def test_a_bpe_models_prompt_is_encoded_by_its_tokenizer(trained, capsys, monkeypatch):
     seen = []
-    real = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda model, idx, *a, **k: seen.append(idx) or real(model, idx, *a, **k))
+    real = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda model, idx, *a, **k: seen.append(idx) or real(model, idx, *a, **k))
     generate(capsys, trained, "--prompt=Lily found a kite", "--max_new_tokens=3")
     tok = load_tokenizer(checkpoint.load(checkpoint.paths(trained)[0])["tokenizer"])
     assert seen[0][0].tolist() == [EOS] + tok.encode("Lily found a kite")

@@ -1,5 +1,6 @@
 """The GPT module: its size, its switches and its training forward pass."""
 
+import pytest
 import torch
 
 from conftest import small_model
@@ -169,3 +170,50 @@ def test_the_recipes_model_keeps_within_the_speedruns_240000_parameters_at_the_s
 def test_mix_gradients_are_those_of_its_forward_pass_by_finite_differences():
     x, near, far = (torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in ((2, 5, 3), (3,), (3,)))
     torch.autograd.gradcheck(model.Mix.apply, (x, near, far))
+
+
+TRACED = [{}, {"rope": True}, {"token_shift": True, "shift_reach": 2, "shift_gate": True}, {"bigram": 64},
+          {"key_offset": True, "attn_gate": True, "swiglu": True}]
+
+
+def traced(switches):
+    """(model, idx, logits, trace, stream): a small model with switches and larger weights, its traced
+    forward over 2 rows of 12 ids, and the residual stream that entered its final LayerNorm."""
+    m = small_model(**switches)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.3)
+    idx, trace, stream = torch.randint(0, 20, (2, 12)), {}, []
+    m.transformer.ln_f.register_forward_pre_hook(lambda module, args: stream.append(args[0]))
+    with torch.no_grad():
+        logits = m(idx, idx, trace=trace)[0]
+    return m, idx, logits, trace, stream[0]
+
+
+@pytest.mark.parametrize("switches", TRACED, ids=lambda s: ",".join(s) or "default")
+def test_a_traced_forward_gives_the_logits_of_the_plain_forward(switches):
+    m, idx, logits, _, _ = traced(switches)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, m(idx, idx)[0])
+
+
+@pytest.mark.parametrize("switches", TRACED, ids=lambda s: ",".join(s) or "default")
+def test_the_traced_terms_add_up_to_the_stream_entering_the_final_layernorm(switches):
+    _, _, _, trace, stream = traced(switches)
+    torch.testing.assert_close(sum(trace["terms"].values()), stream)
+
+
+def test_the_trace_names_a_term_for_each_part_that_adds_into_the_stream():
+    _, _, _, trace, _ = traced({"token_shift": True, "bigram": 64})
+    heads = [f"block{i}.head{h}" for i in range(2) for h in range(2)]
+    assert list(trace["terms"]) == ["token", "position", "shift", "bigram", *heads[:2], "block0.mlp", *heads[2:],
+                                    "block1.mlp", "biases"]
+
+
+def test_the_traced_attention_weights_are_causal_rows_that_sum_to_one():
+    _, _, _, trace, _ = traced({})
+    assert len(trace["attention"]) == 2
+    for att in trace["attention"]:
+        assert att.shape == (2, 2, 12, 12)
+        torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 12))
+        assert (att.triu(1) == 0).all()

@@ -1,4 +1,4 @@
-"""Apple silicon's MPS device: decoding, training and resuming there against the CPU (marked mps,
+"""Apple silicon's MPS device: the cached forward, training and resuming there against the CPU (marked mps,
 skipped where MPS is not available), and MPS's random state in a checkpoint (on any machine, with
 torch.mps's answers replaced)."""
 
@@ -10,7 +10,7 @@ import torch
 import checkpoint
 import train
 from conftest import TINY, progress_losses, small_model
-from generate import decode, new_cache
+from model import KVCache
 from optim import optimizer
 
 needs_mps = pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple silicon's MPS")
@@ -26,15 +26,14 @@ SWITCHES = [{}, {"rope": True}, {"token_shift": True}]
 @pytest.mark.mps
 @needs_mps
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
-def test_decoding_on_mps_gives_the_logits_of_the_forward_pass(switches):
+def test_the_cached_forward_on_mps_gives_the_logits_of_the_whole_forward(switches):
     model = small_model(**switches).to("mps")
     idx = torch.randint(0, 20, (2, 12), device="mps")
-    w = {name: t.detach() for name, t in model.state_dict().items()}
-    cache = new_cache(model, 2, w["lm_head.weight"])
+    cache = KVCache()
     with torch.no_grad():
-        decode(model, w, idx[:, :5], 0, cache)
+        model(idx[:, :5], cache=cache)
         for t in range(6, 13):
-            logits = decode(model, w, idx[:, t - 1:t], t - 1, cache)
+            logits = model(idx[:, t - 1:t], cache=cache)[0]
             torch.testing.assert_close(logits, model(idx[:, :t])[0], rtol=1e-4, atol=1e-4)
 
 

@@ -1,5 +1,5 @@
-"""A checkpoint written before model.py was split into model, generate, optim and device loads,
-samples and resumes as it did then.
+"""A checkpoint written before model.py was split into model, generate, optim and device (format 1,
+its token shift's shares named shift, shift_1, shift_2) loads, samples and resumes as it did then.
 
 tests/data/ckpt_before_layout.pt is step 200 of this run, at commit 64219b5:
 
@@ -48,8 +48,10 @@ def test_train_resumes_an_old_checkpoint_to_the_same_next_step(tmp_path, expecte
     shutil.copy(OLD, tmp_path)
     train.main([f"--out_dir={tmp_path}", *RUN])
     state = checkpoint.load(tmp_path / "ckpt_00000201.pt")
-    assert list(state["model"]) == list(expected["model"])  # the parameter names a checkpoint is keyed by
-    for name, weights in expected["model"].items():
+    # The parameter names a checkpoint is keyed by, as format 2 names token shift's shares
+    expected_model = {checkpoint.share_name(name): weights for name, weights in expected["model"].items()}
+    assert list(state["model"]) == list(expected_model)
+    for name, weights in expected_model.items():
         torch.testing.assert_close(state["model"][name], weights, msg=name)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == [pytest.approx(expected["loss"], rel=1e-5)]

@@ -57,7 +57,7 @@ def test_num_samples_prints_that_many_samples(trained, capsys):
 
 def test_sampling_stops_at_the_end_of_story_token_and_does_not_print_it(trained, capsys, monkeypatch):
     picks = itertools.chain([5, 6, EOS], itertools.repeat(7))  # generate looks for the end every few characters
-    monkeypatch.setattr("generate.pick", lambda logits, *args: torch.tensor([[next(picks)]]))
+    monkeypatch.setattr("model.pick", lambda logits, *args: torch.tensor([[next(picks)]]))
     printed = run(capsys, trained, "--prompt=", "--max_new_tokens=100")
     assert len(printed.out) == 3  # two characters and the newline
 

@@ -14,14 +14,17 @@ nothing: its styles, script and data are inside it. docs/explain.md says how to 
 Every number on the page comes from model.py's forward with a trace (GPT.forward(..., trace=...)):
 nothing here computes the network a second time. A text longer than the context is read as
 sampling reads it: when the block_size positions are full, the context starts again from the last
-block_size // 2 characters (generate.py).
+block_size // 2 characters (GPT.generate).
 """
 
 import base64
 import codecs
+import difflib
 import json
+import math
 import os
 import sys
+import textwrap
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -34,15 +37,15 @@ import config
 import data
 from config import UserError
 from device import pick_device
-from sample import PRETRAINED, load_model
 from model import PAIR_HASH
+from sample import PRETRAINED, load_model
 from tokenizer import EOS, UNK, byte_symbols
 
 READS = ("CHECKPOINT", "OUT_DIR", "DEVICE", "DATASET", "PROMPT", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "SEED",
          "every command")  # config.py's settings that explain.py reads, for --help
 # explain.py's own settings, which config.py does not hold: (default, what it does).
-OWN = {"text": ("", "the text to explain; empty: story --story of --dataset's validation split, or with --prompt "
-                    "the model's own continuation of it"),
+OWN = {"text": ("", "the text to explain; without it, story --story of --dataset's validation split, or with "
+                    "--prompt the model's own continuation of the prompt (--prompt is also the samples' prompt)"),
        "story": (0, "which story of the validation split to explain (0: the first)"),
        "out": ("explain.html", "the page to write"),
        "png": ("", "a folder to write the page's pictures to as PNG files too (needs matplotlib); empty: none")}
@@ -54,10 +57,15 @@ TEMPLATE = Path(__file__).parent / "explain_page.html"
 def own_settings(argv):
     """(explain.py's own settings given in argv, the rest of argv for config.load): --key=value or --key value."""
     own, rest, i = {}, [], 0
+    settings = [*OWN, *(name.lower() for name in vars(config) if name.isupper())]
     while i < len(argv):
         key, eq, value = argv[i][2:].partition("=")
         key = key.replace("-", "_").lower()
         if not argv[i].startswith("--") or key not in OWN:
+            if argv[i].startswith("--") and key not in settings and difflib.get_close_matches(key, OWN, n=1):
+                # config.load would name the closest of its own settings only
+                close = difflib.get_close_matches(key, settings, n=1)[0]
+                raise UserError(f"unknown setting --{key}; did you mean --{close}?")
             rest.append(argv[i])
         else:
             if not eq:
@@ -72,8 +80,11 @@ def own_settings(argv):
 
 
 def usage():
+    """config.py's help for the settings explain.py reads, then explain.py's own."""
     lines = [config.usage(__doc__, READS), "\nexplain.py's own:"]
-    lines += [f"  {'--' + key + '=' + str(default or chr(34) * 2):<29} {note}" for key, (default, note) in OWN.items()]
+    for key, (default, note) in OWN.items():
+        flag = f"  --{key}={default if default != '' else chr(34) * 2}"
+        lines.append(textwrap.fill(note, 110, initial_indent=f"{flag:<31} ", subsequent_indent=" " * 32))
     return "\n".join(lines)
 
 
@@ -85,8 +96,18 @@ def story(cfg, n):
     with closing(data.stories(ds, data.is_line_based(cfg["dataset"]))) as stories:
         found = list(islice(stories, n, n + 1))
     if not found:
-        raise UserError(f"the validation split of {cfg['dataset']} has fewer than {n + 1} stories: pick a lower --story")
+        raise UserError(f"the validation split of {cfg['dataset']} has fewer than {n + 1} stories: "
+                        "pick a lower --story")
     return found[0]
+
+
+def checkpoint_name(cfg):
+    """The checkpoint load_model takes, in words, for the page."""
+    if cfg["checkpoint"]:
+        return cfg["checkpoint"]
+    if checkpoint.paths(cfg["out_dir"]):
+        return f"the newest intact checkpoint in {cfg['out_dir']}/"
+    return os.path.relpath(PRETRAINED)
 
 
 def sample(model, tokenizer, prompt, cfg, temperature):
@@ -191,7 +212,6 @@ def tables(model, tokenizer):
     return out
 
 
-
 def label(name, n_layer):
     """A term of the residual stream, in words."""
     if name.startswith("block"):
@@ -213,13 +233,12 @@ def as_bytes(weights, low=0.0, high=1.0):
 
 def page(model, tokenizer, text, ids, views, tabs, samples, about):
     """The page: explain_page.html with the data it draws from put in as JSON."""
-    c, ln2 = model.config, torch.log(torch.tensor(2.0))
-    bits = views["loss"] / ln2
+    c, bits = model.config, views["loss"] / math.log(2)
     rounded = (lambda t, digits: [round(v, digits) for v in t.flatten().tolist()])
     found = {
         "about": {**about, "vocab_size": tokenizer.vocab_size, "unit": tokenizer.unit, "kind": tokenizer.kind,
                   "block_size": c.block_size, "characters": len(text), "bits_per_char": float(bits.sum()) / len(text),
-                  "parameters": model.num_params(), "settings": {k: v for k, v in vars(c).items() if k != "vocab_size"}},
+                  "parameters": model.num_params(), "settings": vars(c)},
         "tokens": pieces(tokenizer, text, ids[1:]), "ids": ids[1:],
         "unknown": [i for i, t in enumerate(ids[1:]) if t == UNK and tokenizer.kind == "char"],
         "vocab": [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)],
@@ -232,7 +251,8 @@ def page(model, tokenizer, text, ids, views, tabs, samples, about):
         "bigram": tabs.get("bigram"), "samples": samples,
     }
     # "<" escaped inside the JSON, so that no "</script>" in a text can end the script that holds it.
-    return TEMPLATE.read_text(encoding="utf-8").replace("__DATA__", json.dumps(found, ensure_ascii=False).replace("<", "\\u003c"))
+    found = json.dumps(found, ensure_ascii=False).replace("<", "\\u003c")
+    return TEMPLATE.read_text(encoding="utf-8").replace("__DATA__", found)
 
 
 def pattern(views, layer_head, n):
@@ -277,7 +297,7 @@ def write_pngs(folder, model, tokenizer, views, tabs):
     xy = torch.tensor(tabs["pca"])
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="#bbb")
     for (x, y), token in zip(xy.tolist(), (tokenizer.decode([i]) for i in range(tokenizer.vocab_size))):
-        ax.annotate(repr(token)[1:-1] if token.isprintable() and token.strip() else repr(token), (x, y), fontsize=7)
+        ax.annotate(token if token.isprintable() and token.strip() else repr(token), (x, y), fontsize=7)
     ax.set_title(f"the {tokenizer.unit} embeddings along their two principal axes "
                  f"({tabs['pca_share']:.0%} of their variance)", fontsize=9)
     fig.savefig(folder / "embeddings.png", dpi=120)
@@ -320,8 +340,7 @@ def main(argv):
     ids = [EOS] + tokenizer.encode(text)  # a story starts after an end-of-story token, as in training
     if tokenizer.unknown:
         print(f"note: {tokenizer.unknown_report()}; the page marks them", file=sys.stderr)
-    about["checkpoint"] = (cfg["checkpoint"] or f"the newest intact checkpoint in {cfg['out_dir']}/"
-                           if cfg["checkpoint"] or checkpoint.paths(cfg["out_dir"]) else os.path.relpath(PRETRAINED))
+    about["checkpoint"] = checkpoint_name(cfg)
 
     views, tabs = analyse(model, ids), tables(model, tokenizer)
     prompt = cfg["prompt"]
@@ -333,7 +352,7 @@ def main(argv):
         out.write_text(html, encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e}): choose another --out") from e
-    bits = float(views["loss"].sum()) / float(torch.log(torch.tensor(2.0))) / len(text)
+    bits = float(views["loss"].sum()) / math.log(2) / len(text)
     print(f"wrote {out}: {len(text):,} characters at {bits:.4f} bits/char, {len(html.encode()) / 1e6:.2f} MB")
     if own["png"]:
         for path in write_pngs(own["png"], model, tokenizer, views, tabs):

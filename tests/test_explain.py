@@ -198,8 +198,8 @@ def test_a_missing_or_broken_checkpoint_is_a_one_line_error_with_exit_code_2(tmp
     path = tmp_path / "ckpt.pt"
     if damage == "not a checkpoint":
         path.write_bytes(b"\x00 no torch.save in here" * 10)
-    run = subprocess.run([sys.executable, str(ROOT / "explain.py"), f"--checkpoint={path}", f"--out={tmp_path / 'p.html'}"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    command = [sys.executable, str(ROOT / "explain.py"), f"--checkpoint={path}", f"--out={tmp_path / 'p.html'}"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "p.html").exists()
 
@@ -228,3 +228,9 @@ def test_a_page_of_2000_characters_is_at_most_2_MB(tmp_path):
         text += next(stories) + "\n"
     html, found = explained(tmp_path, f"--checkpoint={SHIPPED}", f"--text={text[:2000]}")
     assert len(found["bits"]) == 2000 and len(html.encode()) <= 2_000_000
+
+
+def test_a_text_with_markup_in_it_is_data_not_part_of_the_page(tmp_path):
+    text = 'Tom wrote "</script><script>alert(1)</script>" on the wall.'
+    html, found = explained(tmp_path, f"--checkpoint={SHIPPED}", f"--text={text}")
+    assert "".join(found["tokens"]) == text and "<script>alert" not in html

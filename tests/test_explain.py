@@ -66,12 +66,18 @@ def window(model, seed=0):
 
 def explained(tmp_path, *args):
     """explain.py run with args; (the page's text, the data it draws from). Every page is checked to
-    stand alone: nothing in it is fetched from the network."""
+    stand alone (read): nothing in it is fetched from the network."""
     out = tmp_path / "page.html"
     explain.main([*QUICK, f"--out={out}", *args])
-    html = out.read_text(encoding="utf-8")
+    return read(out)
+
+
+def read(page):
+    """(the page's text, the data it draws from), once it is checked to stand alone."""
+    html = page.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
-    assert not re.search(r"<(link|iframe|img)\b", html, re.I)  # pictures are canvas and SVG drawn by the page
+    # Nothing loaded from beside it either: no script, style sheet or picture of its own file, no CSS url().
+    assert not re.search(r"""\bsrc\s*=|<(link|iframe|img)\b|url\(\s*["']?(?!data:)""", html, re.I)
     found = re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S)
     return html, json.loads(found[1])
 
@@ -153,8 +159,7 @@ def test_prompt_explains_the_models_own_continuation_of_it(tmp_path):
 def test_with_no_text_the_page_explains_the_first_validation_story_with_the_shipped_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here: the shipped model, as sample.py takes it
     explain.main(QUICK)
-    page = (tmp_path / "explain.html").read_text(encoding="utf-8")
-    found = json.loads(re.search(r'type="application/json">(.*?)</script>', page, re.S)[1])
+    _, found = read(tmp_path / "explain.html")
     first = next(data.stories(data.open_split("tinystories", "validation"), lines=False))
     assert "".join(found["tokens"]) == first and "tinystories-char.pt" in found["about"]["checkpoint"]
 

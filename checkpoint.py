@@ -1,11 +1,8 @@
-"""Checkpoints on disk: written atomically, checksummed, the newest few kept, loaded without
-pickled code; and whether a checkpoint can continue under the settings given.
-
-A checkpoint is one torch.save'd dict of tensors, numbers, strings, lists and dicts, so
-torch.load(weights_only=True) can read it. Its keys: format, step, model, optimizer,
-model_args, config, tokenizer, data, rng, wandb_id and the rest (see capture), and a
-checksum of all of them: torch.load alone does not notice a damaged byte inside a tensor.
-"""
+"""What a checkpoint is: one torch.save'd dict of tensors, numbers, strings, lists and dicts (so
+torch.load(weights_only=True) reads it without pickled code) holding everything a run needs to go
+on exactly (capture), and a checksum of it all: torch.load alone does not notice a damaged byte
+inside a tensor. Written atomically, the newest few kept; read back checked, older formats
+converted; and whether one can continue under the settings given (check_resumable)."""
 
 import bisect
 import errno
@@ -67,15 +64,9 @@ def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wan
     wandb_id: the W&B run a resume continues, if the run has one."""
     stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
     return {
-        "format": FORMAT,
-        "step": step,
-        "stage": stage + 1,
-        "stage_step": step - starts[stage],
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "model_args": asdict(model.config),
-        "config": cfg,
-        "tokenizer": tokenizer.state_dict(),
+        "format": FORMAT, "step": step, "stage": stage + 1, "stage_step": step - starts[stage],
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
+        "config": cfg, "tokenizer": tokenizer.state_dict(),
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "data": gather(batches.state_dict()),  # one per rank
         "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -116,12 +107,9 @@ def gather(obj):
 
 
 def save(state, out_dir, keep):
-    """Write state as out_dir/ckpt_<step>.pt, then delete all but the newest keep checkpoints.
-
-    The file is written beside its final name, flushed to disk and renamed, so a crash at any
-    moment leaves either the old set of checkpoints or the new one, never a half-written file
-    under a checkpoint's name. A failed write (a full disk) leaves the old set as it was.
-    """
+    """Write state as out_dir/ckpt_<step>.pt, then delete all but the newest keep checkpoints. Written
+    beside its final name, flushed and renamed, so a crash at any moment leaves the old set or the new
+    one, never a half-written file under a checkpoint's name; a failed write leaves the old set."""
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt_{state['step']:08d}.pt"
     tmp = path.with_suffix(".tmp")
@@ -198,10 +186,8 @@ def export(path, dest):
 
 
 def load_newest(out_dir):
-    """(path, state) of the newest intact checkpoint in out_dir, or None if there is none.
-
-    A damaged one is reported and the one before it is tried; if none is intact, that is an
-    error."""
+    """(path, state) of the newest intact checkpoint in out_dir, or None if there is none. A damaged one
+    is reported and the one before it tried; none intact is an error."""
     found = paths(out_dir)
     for path in found:
         try:

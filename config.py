@@ -6,6 +6,8 @@ override any constant for one run from the command line, in lower case:
     python train.py --help      # the settings a command reads, from this file's own comments
 """
 
+import difflib
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -89,7 +91,6 @@ GREEDY = False  # always take the likeliest character (same as TEMPERATURE=0)
 TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
-CUDA_GRAPH = True  # on CUDA, replay each character's step as one captured CUDA graph; False: kernel by kernel
 
 # --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error
@@ -100,11 +101,8 @@ class UserError(Exception):
 
 
 def load(argv, doc=None, reads=()):
-    """The settings as a dict of lower-case names, with --key=value (or --key value) overrides
-    from argv applied; a bare --flag sets a True/False setting to True. With -h or --help in argv,
-    print usage(doc, reads) and exit instead."""
-    import difflib
-
+    """The settings as a dict of lower-case names, with argv's --key=value (or --key value) overrides; a
+    bare --flag sets a True/False setting to True. With -h or --help, print usage(doc, reads) and exit."""
     if "-h" in argv or "--help" in argv:
         print(usage(doc or "", reads))
         raise SystemExit(0)
@@ -132,6 +130,56 @@ def load(argv, doc=None, reads=()):
     return settings
 
 
+def check(cfg, argv, inherited=()):
+    """Refuse settings no run can use and fill in those that follow: cfg["stages"] a list (MAX_STEPS its sum),
+    a warmup cut to a short run, and the inherited keys left to INIT_FROM's checkpoint unless argv names them."""
+    for key in ("block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
+                "learning_rate", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints",
+                "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach"):
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive, not {cfg[key]}")
+    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
+                "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key} must not be negative, not {cfg[key]}")
+    if not 0 <= cfg["cooldown"] <= 1:
+        raise UserError(f"--cooldown is a fraction of the run, from 0 to 1, not {cfg['cooldown']}")
+    if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
+        raise UserError("--dropout, --beta1 and --beta2 must be at least 0 and below 1")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"--n_embd={cfg['n_embd']} does not split into --n_head={cfg['n_head']} heads: "
+                        "make n_embd a multiple of n_head")
+    if cfg["stages"]:
+        try:
+            stages = [int(s) for s in cfg["stages"].split(",")]
+        except ValueError:
+            raise UserError(f"--stages takes step counts separated by commas, as in --stages=30,30, "
+                            f"not {cfg['stages']!r}") from None
+        if min(stages) <= 0:
+            raise UserError(f"every stage needs at least one step: --stages={cfg['stages']}")
+        if cfg["max_steps"] not in (MAX_STEPS, sum(stages)):
+            raise UserError(f"--stages={cfg['stages']} adds up to {sum(stages)} steps but --max_steps is "
+                            f"{cfg['max_steps']}: leave --max_steps out, or make the two agree")
+        cfg["stages"], cfg["max_steps"] = stages, sum(stages)
+    else:
+        cfg["stages"] = [cfg["max_steps"]]
+    named = {arg.split("=")[0].replace("-", "_").lower()[2:] for arg in argv}
+    if cfg["eval_only"] and "eval_chars" not in named:
+        cfg["eval_chars"] = 0  # the whole validation split
+    shortest, what = min(cfg["stages"]), "shortest stage" if len(cfg["stages"]) > 1 else "run"
+    if cfg["warmup_steps"] > shortest:
+        if "warmup_steps" in named:
+            raise UserError(f"--warmup_steps={cfg['warmup_steps']} is longer than the {what} ({shortest} steps): "
+                            "lower --warmup_steps")
+        # Not asked for by name: a short run (--max_steps=50) should just work.
+        cfg["warmup_steps"] = shortest // 10
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: warmup of {cfg['warmup_steps']} steps, a tenth of the {shortest}-step {what} "
+                  f"(WARMUP_STEPS={WARMUP_STEPS} is longer than it; --warmup_steps sets it)")
+    if cfg["init_from"] and not cfg["eval_only"]:  # None: checkpoint.inherit takes the checkpoint's
+        cfg.update({key: None for key in inherited if key not in named})
+
+
 def _convert(key, value, default):
     """value (a string) as the type of the setting's default."""
     kind = type(default)
@@ -155,9 +203,8 @@ def _convert(key, value, default):
 
 
 def usage(doc, reads):
-    """The help of a command: the first two paragraphs of its docstring (what it does, how it is run),
-    then the settings it reads (reads: group names as this file heads them, or setting names), with
-    their defaults and this file's comments on them: the comments here are the one source."""
+    """A command's help: its docstring's first two paragraphs, then the settings it reads (reads: this file's
+    group names or setting names) with their defaults and this file's comments, the one source of both."""
     lines = ["\n\n".join(doc.strip().split("\n\n")[:2]), "",
              "Settings (config.py; --key=value overrides one for a run):"]
     for group, settings in documented().items():

@@ -4,12 +4,9 @@
     batches = Batches(ds, tokenizer, batch_size=64, block_size=128)
     x, y = next(batches)                                     # (64, 128) inputs and next-character targets
 
-Everything is streamed (datasets.load_dataset(..., streaming=True); a .txt file by read_txt): no
-split is ever held in memory whole, nor any line or story: text is read from a .txt file, and
-turned into ids, at most PIECE characters at a time, however long its lines and stories are. A
-stream's position (Batches.state_dict) goes into every checkpoint, so a resumed run reads on from
-exactly where the stopped one was. With no validation split, every HOLDOUT_EVERY-th training
-story is held out to validate on (held_out), and training skips it.
+Everything is streamed, and text is read from a .txt file and turned into ids at most PIECE characters at
+a time, so no split, line or story is held whole. Batches' state goes into every checkpoint, so a resumed run
+reads on exactly where the stopped one was. docs/data.md tells the whole story.
 """
 
 from contextlib import closing
@@ -34,11 +31,9 @@ SHUFFLE_TEXT = 1 << 24  # characters: the most text that Batches reads ahead to 
 
 
 def open_split(dataset, split, rank=0, world_size=1):
-    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such.
-
-    Under torchrun each rank streams its own share (see split_dataset_by_node): whole shards (the
-    row groups of parquet files, whole files of other formats) when their number divides evenly
-    among the ranks, else every world_size-th story."""
+    """One split of dataset as a streaming datasets.IterableDataset, or None if it has none such. Each rank
+    streams its own share: whole shards where they divide evenly among the ranks, else every world_size-th
+    story."""
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()  # "Repo card metadata block was not found"
@@ -79,11 +74,8 @@ def open_split(dataset, split, rank=0, world_size=1):
     if kind is not None and kind not in (datasets.Value("string"), datasets.Value("large_string")):
         raise UserError(f"the 'text' column of {dataset} holds {getattr(kind, 'dtype', type(kind).__name__)}, "
                         "not text: make it a column of strings, a story (or several, joined by <|endoftext|>) a row")
-    # One shard per parquet row group rather than per file (other formats stay one per file). Once a
-    # scan of a file has begun, pyarrow's threads read and decode all the rest of it ahead of use
-    # (datasets' batch_readahead=0 does not stop them), so a run on a 1 GB file held 2.8 GB, one on
-    # 10 MB 0.7 GB. A scan per row group reads ahead only that row group. And a resume starts at its
-    # own row group, rather than reading those before it to skip them.
+    # A shard per parquet row group, not per file: pyarrow's threads read and decode all the rest of a file ahead
+    # once its scan begins, whatever batch_readahead says (1 GB held 2.8 GB); and a resume starts at its row group.
     try:
         ds = ds.reshard()  # reads the footer of every parquet file, from the hub too
     except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
@@ -95,9 +87,8 @@ def open_split(dataset, split, rank=0, world_size=1):
 
 
 def read_txt(path):
-    """The rows of a .txt file: its lines, a line longer than PIECE characters in pieces of PIECE.
-    (datasets' text builder reads a line whole: a file without line breaks, all at once.) Line
-    breaks are kept, and read as that builder reads them: \\r\\n and \\r become \\n."""
+    """The rows of a .txt file: its lines, in pieces of PIECE characters where longer (datasets' text builder
+    reads a line whole), \\r\\n and \\r read as \\n as that builder reads them."""
     with open(path, encoding="utf-8") as f:
         try:
             for line in iter(lambda: f.readline(PIECE), ""):
@@ -114,8 +105,7 @@ def is_line_based(dataset):
 
 
 def row_text(row, lines):
-    """The text of a row, ending its last story unless it is a line of a .txt file (there only the
-    separator does); a null row is an empty one."""
+    """The text of a row (a null row is an empty one), ending its last story unless it is a .txt file's line."""
     if "text" not in row:
         raise UserError(f"the data has no 'text' column (its columns: {', '.join(row)}): "
                         "rename the column that holds the stories to 'text'")
@@ -123,8 +113,7 @@ def row_text(row, lines):
 
 
 def stories(ds, lines, limit=float("inf")):
-    """The stories of a split, one after another. Once limit characters have been read, the story
-    being read ends there, and so does the split."""
+    """The stories of a split; once limit characters are read, the story being read ends there, and so does it."""
     rows, texts, size = iter(ds), [], 0
     try:
         for row in rows:
@@ -146,15 +135,14 @@ def stories(ds, lines, limit=float("inf")):
 
 
 def first_stories(ds, lines, n):
-    """The first n stories of a split, to build the vocabulary from: those in its first
-    VOCABULARY_TEXT characters, so that a text which never ends a story is not read whole."""
+    """The first n stories of a split's first VOCABULARY_TEXT characters, so that a text without separators
+    is not read whole."""
     with closing(stories(ds, lines, VOCABULARY_TEXT)) as it:
         return list(islice(it, n))
 
 
 def vocabulary_stories(dataset, n):
-    """The first n stories of dataset's train split: the text the vocabulary is built from. Every
-    rank reads the same ones, so every rank builds the same vocabulary."""
+    """The first n stories of dataset's train split, the vocabulary's text: the same on every rank."""
     ds = open_split(dataset, "train")
     if ds is None:
         raise UserError(f"{dataset} has no train split")
@@ -165,9 +153,9 @@ def vocabulary_stories(dataset, n):
 
 
 def pair_counts(texts, tokenizer, block_size):
-    """How often each pair of ids follows in texts as training reads them (EOS story EOS story ...),
-    as a (vocab_size + 1, vocab_size) table indexed by (previous + 1, current), model.pair_index's
-    counts; the first row, previous none, counts a window's first id: one id in block_size."""
+    """How often each id follows each other in texts read as training reads them (EOS story EOS ...):
+    model.pair_index's (vocab_size + 1, vocab_size) table by (previous + 1, current), whose first row,
+    previous none, counts a window's first id, one in block_size."""
     ids = torch.tensor([i for text in texts for i in [EOS, *tokenizer.encode(text)]])
     v = tokenizer.vocab_size
     counts = torch.bincount((ids[:-1] + 1) * v + ids[1:], minlength=(v + 1) * v).view(v + 1, v).double()
@@ -176,8 +164,8 @@ def pair_counts(texts, tokenizer, block_size):
 
 
 def is_held_out(i, every):
-    """Whether the i-th story of a training split is held out to validate on, where the data has
-    no validation split: every every-th story, so the held-out text is spread across the split."""
+    """Whether the i-th training story is held out to validate on where there is no validation split: every
+    every-th one, so the held-out text is spread across the split."""
     return i % every == every - 1
 
 
@@ -185,114 +173,53 @@ class EmptyData(UserError):
     pass
 
 
-class Batches:
-    """Endless (x, y) batches from one split, resumable.
+class RowReader:
+    """The rows of a split, epoch after epoch, in runs of shuffle rows (fewer where they reach SHUFFLE_TEXT
+    characters), each handed on in a random order of its own drawn from seed, the epoch and the run; with
+    shuffle at most 1, a row at a time as stored. The state: the stream's position at the first row in hand
+    and its number of shards, the order of the rows in hand and how many were handed on, the runs this epoch
+    has read, the epoch."""
 
-    The stories are joined as EOS story EOS story ..., and each batch is the next batch_size
-    windows of block_size + 1 ids, so every character lands in exactly one window. A story short
-    enough to fit in a window is never cut in two: if it would be, the rest of the window is
-    padding and the story starts the next one, so short texts are learned whole from their
-    first character (padding is never a target). At the end of the data the stream starts
-    over: the next epoch; or, with once=True, the last batch is what is left, its last window
-    padded, and the iteration ends. keep(i), if given, says whether the i-th story of an epoch is
-    used (a held-out validation set takes the rest).
-
-    Text is taken as it is needed, PIECE characters at most at a time: a long row waits in the
-    queue in pieces, and a story longer than two windows (which cannot fit in one) goes into the
-    buffer as it is read rather than once it ends. So memory and the state stay small whatever the
-    length of a line or a story; only a row, which datasets reads whole, is held whole.
-
-    With shuffle above 1, rows are read shuffle at a time (fewer once they hold SHUFFLE_TEXT
-    characters) and handed on in a random order of their own, drawn anew for each such run of rows
-    in each epoch from seed: the windows and the batches they make differ from pass to pass. Rows
-    are then whole stories, as in the hub's layout, and keep must be None: a held-out story is
-    counted in the stored order. Otherwise rows go on in the stored order, one at a time.
-
-    The state is the dataset's own stream position (its state_dict, a shard and a row within it,
-    and the number of shards) at the first of the rows in hand, their order and how many of them
-    were handed on, plus what has been read and not yet batched: the ids in the buffer, the pieces
-    in the queue, and the held-back end of the story being read.
-    """
-
-    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
-        assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
-        self.ds, self.tokenizer, self.lines, self.keep, self.once = ds, tokenizer, lines, keep, once
-        self.size = (batch_size, block_size + 1)
-        self.shuffle, self.seed = max(shuffle, 1), seed
+    def __init__(self, ds, shuffle, seed):
+        self.ds, self.shuffle, self.seed = ds, max(shuffle, 1), seed
         self.start = ds.state_dict()  # where every epoch begins
         self.rows = None
-        # Positions are kept here, as ds.state_dict() tells one only once a row is read from it: chunk_at,
-        # where the rows in hand begin; at, past the rows read. Then the rows in hand (a resume has their
-        # order but not yet the rows), their order, how many were handed on, and how many runs of rows
-        # this epoch has read.
+        # ds.state_dict() tells a position only once a row is read, so two are kept: where the rows in
+        # hand (chunk) begin, and past the rows read. A resume has their order, and reads them again.
         self.at = self.chunk_at = self.start
-        self.chunk, self.order, self.taken, self.chunks = [], [], 0, 0
-        self.buffer, self.queue, self.rest, self.open = [], [], "", False  # open: a story is partly in the buffer
-        self.epoch, self.story, self.epoch_ids = 0, 0, 0
+        self.chunk, self.order, self.taken, self.chunks, self.epoch = [], [], 0, 0, 0
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        n = self.size[0] * self.size[1]
-        while len(self.buffer) < n and not (self.once and self.epoch):
-            if self.queue:
-                self._add_text(self.queue.pop(0))
-            else:
-                self._read_row()
-        if not self.buffer:
-            raise StopIteration
-        n = min(n, len(self.buffer) + -len(self.buffer) % self.size[1])  # once: the windows that are left
-        self.buffer.extend([PAD] * (n - len(self.buffer)))
-        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(-1, self.size[1])
-        del self.buffer[:n]
-        return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
-
-    def _read_row(self):
-        if len(self.chunk) < len(self.order):  # resumed: the rows in hand when the state was saved, read again
+    def next_row(self):
+        """The next row, or None at the end of the data, after which the next epoch begins."""
+        if len(self.chunk) < len(self.order):  # resumed
             self.chunk = self._read_rows(len(self.order))
         if self.taken == len(self.order):
-            self._read_chunk()
-        if not self.order:  # the end of the data: finish its last story, begin the next epoch
-            self._add(self.rest, ends=True)
-            if self.epoch_ids == 0:
-                raise EmptyData("the data holds no text to train on")
-            self.rows, self.rest, self.story, self.epoch_ids, self.chunks = None, "", 0, 0, 0
-            self.epoch += 1
+            self._read_run()
+        if not self.order:
+            self.rows, self.chunks, self.epoch = None, 0, self.epoch + 1
             self.ds.load_state_dict(self.start)
             self.at = self.chunk_at = self.start
-            return
+            return None
         i = self.order[self.taken]
-        row, self.chunk[i] = self.chunk[i], None  # handed on: held only in the queue now
+        row, self.chunk[i] = self.chunk[i], None  # handed on: no longer held here
         self.taken += 1
-        text = row_text(row, self.lines)
-        self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+        return row
 
-    def _read_chunk(self):
-        """The next self.shuffle rows, or fewer where they reach SHUFFLE_TEXT characters or the data
-        ends, and the order to hand them on in: random with shuffle, else as stored."""
-        self.chunk_at = self.at
-        self.chunk = self._read_rows(self.shuffle, SHUFFLE_TEXT)
-        n, self.taken = len(self.chunk), 0
-        self.order = list(range(n))
-        if self.shuffle > 1 and n > 1:
-            # A generator of its own, seeded by the run's seed, the epoch and the run of rows: the order
-            # depends on nothing else (not on the global random state that training draws from).
+    def _read_run(self):
+        self.chunk_at, self.chunk, self.taken = self.at, self._read_rows(self.shuffle, SHUFFLE_TEXT), 0
+        self.order = list(range(len(self.chunk)))
+        if self.shuffle > 1 and len(self.chunk) > 1:  # a generator of its own: not training's random state
             g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.chunks) % 2**63)
-            self.order = torch.randperm(n, generator=g).tolist()
+            self.order = torch.randperm(len(self.chunk), generator=g).tolist()
         self.chunks += 1
 
     def _read_rows(self, n, limit=float("inf")):
-        """Up to n rows from position self.at on (fewer at the end of the data or at limit characters);
-        self.at then moves past them."""
+        """Up to n rows from self.at on, fewer at the end of the data or at limit characters."""
         if self.rows is None:
             self.rows = iter(self.ds)
         rows, size = [], 0
         try:
-            while len(rows) < n and size < limit:
-                row = next(self.rows, None)
-                if row is None:
-                    break
+            while len(rows) < n and size < limit and (row := next(self.rows, None)) is not None:
                 rows.append(row)
                 size += len(row.get("text") or "")
         except OSError as e:  # datasets' ConnectionError once it has retried, or the hub's HTTP errors
@@ -302,52 +229,17 @@ class Batches:
             self.at = self.ds.state_dict()
         return rows
 
-    def _add_text(self, text):
-        """Add the stories that text ends, and the start of the one it leaves unfinished once that is
-        too long for a window, so that what is held back stays short."""
-        *stories, self.rest = (self.rest + text).split(SEPARATOR)
-        for story in stories:
-            self._add(story, ends=True)
-        if not self.open:
-            self.rest = self.rest.lstrip()
-        if len(self.rest) > 2 * self.size[1]:
-            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
-            # up to a window of it.
-            cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.size[1])
-            self._add(self.rest[:cut], ends=False)
-            self.rest = self.rest[cut:]
-
-    def _add(self, text, ends):
-        """Put text into the buffer as ids: a whole story, or a piece of one longer than a window
-        (ends: the story ends with it)."""
-        text = text.rstrip() if ends else text
-        if not self.open:
-            text = text.lstrip()
-            if not text:
-                return
-            self.story += 1
-        if self.keep is None or self.keep(self.story - 1):
-            ids = ([] if self.open else [EOS]) + self.tokenizer.encode(text)
-            used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
-            if not self.open and len(ids) <= self.size[1] < used + len(ids):
-                self.buffer.extend([PAD] * (self.size[1] - used))
-            self.buffer.extend(ids)
-            self.epoch_ids += len(ids)
-        self.open = not ends
-
     def close(self):
         if self.rows is not None:
             self.rows.close()
 
     def state_dict(self):
         return {"dataset": self.chunk_at, "order": list(self.order), "taken": self.taken, "chunks": self.chunks,
-                "shards": self.ds.num_shards,
-                "buffer": list(self.buffer), "queue": list(self.queue), "rest": self.rest, "open": self.open,
-                "epoch": self.epoch, "story": self.story, "epoch_ids": self.epoch_ids}
+                "shards": self.ds.num_shards, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        # The stream's position is a shard and a row within it: with other shards it would point
-        # elsewhere without a word. Positions saved before shards were row groups have no count.
+        # A position is a shard and a row within it: in other shards it would point elsewhere without
+        # a word. Positions saved before shards were row groups have no count.
         if state.get("shards") != self.ds.num_shards:
             saved = "an unknown number of" if state.get("shards") is None else state["shards"]
             raise UserError(f"the checkpoint's data position counts {saved} shards, the data now has "
@@ -360,26 +252,160 @@ class Batches:
                             "read .txt files otherwise: resume with that version, or train anew in another "
                             "--out_dir")
         self.ds.load_state_dict(state["dataset"])
-        # A state saved before rows were read ahead is the position after the row in hand: no rows to read again.
         self.at = self.chunk_at = state["dataset"]
+        # A state saved before rows were read ahead is the position after the row in hand: none to read again.
         self.order, self.taken, self.chunks = list(state.get("order", [])), state.get("taken", 0), state.get("chunks", 0)
-        self.chunk = []  # read again when first needed
-        self.buffer, self.rest = list(state["buffer"]), state["rest"]
+        self.chunk, self.epoch = [], state["epoch"]  # the rows in hand: read again when first needed
+
+
+class StoryReader:
+    """The stories in rows as pieces of text, each with whether it starts a story; keep(i), if given, says
+    whether the i-th story of an epoch is handed on. A row waits in the queue in pieces of PIECE characters,
+    and of a story longer than two windows (which cannot fit in one) at most a window is held back, so memory
+    and the state stay small. The state: the queue, the held-back text, whether a story is partly handed on
+    (open), and the stories this epoch has begun."""
+
+    def __init__(self, rows, lines, keep, window):
+        self.rows, self.lines, self.keep, self.window = rows, lines, keep, window
+        self.queue, self.rest, self.open, self.story = [], "", False, 0
+
+    def read(self):
+        """([(text, starts)] that the next piece of a row completes, whether the data ended there)."""
+        if self.queue:
+            return self._split(self.queue.pop(0)), False
+        row = self.rows.next_row()
+        if row is None:  # the end of the data: its last story ends
+            pieces = self._piece(self.rest, ends=True)
+            self.rest, self.story = "", 0
+            return pieces, True
+        text = row_text(row, self.lines)
+        self.queue = [text[i:i + PIECE] for i in range(0, len(text), PIECE)]
+        return [], False
+
+    def _split(self, text):
+        *ended, self.rest = (self.rest + text).split(SEPARATOR)
+        pieces = []
+        for story in ended:
+            pieces += self._piece(story, ends=True)
+        if not self.open:
+            self.rest = self.rest.lstrip()
+        if len(self.rest) > 2 * self.window:
+            # Held back: what may begin a separator, and whitespace the story may end with (and so lose),
+            # up to a window of it.
+            cut = max(len(self.rest[:1 - len(SEPARATOR)].rstrip()), len(self.rest) - self.window)
+            pieces += self._piece(self.rest[:cut], ends=False)
+            self.rest = self.rest[cut:]
+        return pieces
+
+    def _piece(self, text, ends):
+        """[(text, starts)], or [] where its story is empty or not kept; ends: the story ends here."""
+        text = text.rstrip() if ends else text
+        starts = not self.open
+        if starts:
+            text = text.lstrip()
+            if not text:
+                return []
+            self.story += 1
+        self.open = not ends
+        return [(text, starts)] if self.keep is None or self.keep(self.story - 1) else []
+
+    def state_dict(self):
+        return {"queue": list(self.queue), "rest": self.rest, "open": self.open, "story": self.story}
+
+    def load_state_dict(self, state):
+        self.rest, self.story = state["rest"], state["story"]
         self.queue, self.open = list(state.get("queue", [])), state.get("open", False)  # older states lack them
-        self.epoch, self.story, self.epoch_ids = state["epoch"], state["story"], state["epoch_ids"]
+
+
+class WindowPacker:
+    """Ids into batches of batch_size windows of `window` ids, each id in one window. A story that fits in a
+    window is never cut in two: the rest of the window is padding instead, so short texts are learned whole
+    from their first character. The state: the ids waiting, and how many this epoch added (none: no text)."""
+
+    def __init__(self, batch_size, window):
+        self.size = (batch_size, window)
+        self.buffer, self.epoch_ids = [], 0
+
+    def full(self):
+        return len(self.buffer) >= self.size[0] * self.size[1]
+
+    def add(self, ids, starts):
+        if starts:
+            ids = [EOS, *ids]
+            used = len(self.buffer) % self.size[1]  # the buffer starts at a window boundary
+            if len(ids) <= self.size[1] < used + len(ids):
+                self.buffer.extend([PAD] * (self.size[1] - used))
+        self.buffer.extend(ids)
+        self.epoch_ids += len(ids)
+
+    def end_epoch(self):
+        if self.epoch_ids == 0:
+            raise EmptyData("the data holds no text to train on")
+        self.epoch_ids = 0
+
+    def take(self):
+        """(x, y), fewer windows where fewer wait (the end of a once pass), the last one padded."""
+        if not self.buffer:
+            raise StopIteration
+        n = min(self.size[0] * self.size[1], len(self.buffer) + -len(self.buffer) % self.size[1])
+        self.buffer.extend([PAD] * (n - len(self.buffer)))
+        chunk = torch.tensor(self.buffer[:n], dtype=torch.long).view(-1, self.size[1])
+        del self.buffer[:n]
+        return chunk[:, :-1].clamp(min=EOS), chunk[:, 1:]  # padding: read as EOS, never a target
+
+    def state_dict(self):
+        return {"buffer": list(self.buffer), "epoch_ids": self.epoch_ids}
+
+    def load_state_dict(self, state):
+        self.buffer, self.epoch_ids = list(state["buffer"]), state["epoch_ids"]
+
+
+class Batches:
+    """Endless (x, y) batches from one split, the stories joined as EOS story EOS story ... in windows of
+    block_size + 1 ids; with once=True, one pass, its last batch what is left. keep(i) says whether the i-th
+    story of an epoch is used; with shuffle, rows are whole stories (the hub's layout) and keep must be None.
+    The state is the parts' states in one flat dict, as checkpoints have always held it."""
+
+    def __init__(self, ds, tokenizer, batch_size, block_size, lines=False, keep=None, once=False, shuffle=0, seed=0):
+        assert shuffle <= 1 or keep is None, "a held-out story is counted in the stored order"
+        self.tokenizer, self.once = tokenizer, once
+        self.rows = RowReader(ds, shuffle, seed)
+        self.stories = StoryReader(self.rows, lines, keep, block_size + 1)
+        self.windows = WindowPacker(batch_size, block_size + 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self.windows.full() and not (self.once and self.rows.epoch):
+            pieces, ended = self.stories.read()
+            for text, starts in pieces:
+                self.windows.add(self.tokenizer.encode(text), starts)
+            if ended:
+                self.windows.end_epoch()
+        return self.windows.take()
+
+    def close(self):
+        self.rows.close()
+
+    def state_dict(self):
+        return {**self.rows.state_dict(), **self.stories.state_dict(), **self.windows.state_dict()}
+
+    def load_state_dict(self, state):
+        for part in (self.rows, self.stories, self.windows):
+            part.load_state_dict(state)
 
 
 def target_counts(y, char_lengths):
-    """(tokens, characters) among the targets y: padding is neither, and each token counts the
-    characters it stands for (char_lengths, the tokenizer's char_lengths as a tensor, made once by
-    the caller), so losses can be given per character."""
+    """(tokens, characters) among the targets y, padding neither, each token its characters (char_lengths: the
+    tokenizer's, as a tensor), so losses can be given per character."""
     real = y[y != PAD]
     return real.numel(), int(char_lengths[real].sum())
 
 
 def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
-    """The training stream of cfg's dataset, without the held-out stories if held_out; shuffled SHUFFLE
-    rows at a time where rows are stories (not a .txt file's lines) and none are held out."""
+    """The training stream of cfg's dataset, without the held-out stories if held_out; shuffled where rows are
+    stories (not a .txt file's lines) and none are held out."""
     every, lines = cfg["holdout_every"], is_line_based(cfg["dataset"])
     shuffle = 0 if held_out or lines else cfg["shuffle"]
     if shuffle != cfg["shuffle"] and cfg["shuffle"] > 1:
@@ -391,15 +417,10 @@ def training_batches(cfg, tokenizer, held_out, rank=0, world_size=1):
 
 
 def validation_batches(cfg, tokenizer, rank=0, world_size=1):
-    """(the batches every evaluation reads, the same text each time, every character of it once;
-    whether that text was held out of the training split; what it is, in words).
-
-    The validation text is the whole validation split where it holds at most EVAL_CHARS characters
-    (0: no limit). A larger split is sampled across its whole length, not just its start, which
-    can be easier or harder than the rest: every k-th story, k the smallest power of two that
-    brings it within EVAL_CHARS (so at least half of EVAL_CHARS). Without a validation split it is
-    the held-out training stories, the first EVAL_CHARS characters of them, read from the start
-    of the split so that a large training split is not read through before the first step."""
+    """(the batches every evaluation reads, the same text each time, every character once; whether it was held out
+    of the training split; what it is, in words). That is the validation split, sampled across its length where it
+    holds over EVAL_CHARS characters, as its start may be easier or harder than the rest; else the held-out
+    training stories at the start of the split, so that a large one is not read through before the first step."""
     lines, every, limit = is_line_based(cfg["dataset"]), cfg["holdout_every"], cfg["eval_chars"] or float("inf")
     ds, held_out = open_split(cfg["dataset"], "validation", rank, world_size), False
     if ds is not None:
@@ -421,8 +442,8 @@ def validation_batches(cfg, tokenizer, rank=0, world_size=1):
 
 
 def spread_sample(stories, limit):
-    """(every k-th of stories, k): k the smallest power of two that keeps their characters within
-    limit. In one pass, holding at most limit characters."""
+    """(every k-th of stories, k), k the smallest power of two that keeps them within limit characters: in
+    one pass, holding at most limit characters."""
     kept, every, size = [], 1, 0
     for i, story in enumerate(stories):
         if i % every == 0:
@@ -435,7 +456,7 @@ def spread_sample(stories, limit):
 
 
 def first_chars(stories, limit):
-    """The first stories of stories that fit within limit characters together (at least one)."""
+    """The first of stories that fit within limit characters together (at least one)."""
     kept, size = [], 0
     with closing(stories):
         for story in stories:

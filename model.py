@@ -55,6 +55,13 @@ class KVCache:
     def __init__(self):
         self.pos, self.kept = 0, {}
 
+    def extend(self, key, new, dim):
+        """What is kept under key with new after it along dim, kept in its place."""
+        if key in self.kept:
+            new = torch.cat((self.kept[key], new), dim)
+        self.kept[key] = new
+        return new
+
 
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al., RoFormer): each pair of channels of a query or key
@@ -97,14 +104,9 @@ class CausalSelfAttention(nn.Module):
             start = 0 if cache is None else cache.pos
             q, k = self.rotary(q, start), self.rotary(k, start)
         if self.key_offset:  # a query can then find the position after a match: induction in one layer
-            before = None if cache is None else cache.kept.get((self, "key"))
-            if cache is not None:
-                cache.kept[(self, "key")] = k[:, :, -1:]
-            k = offset_keys(k, before)
-        if cache is not None:  # the keys and values of the positions before come first
-            if self in cache.kept:
-                k, v = (torch.cat(pair, 2) for pair in zip(cache.kept[self], (k, v)))
-            cache.kept[self] = k, v
+            k = offset_keys(k) if cache is None else offset_keys(cache.extend((self, "key"), k, 2))[:, :, -T:]
+        if cache is not None:  # after the keys and values of the positions before
+            k, v = cache.extend((self, "k"), k, 2), cache.extend((self, "v"), v, 2)
         if trace is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -121,43 +123,31 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def offset_keys(k, before=None):
+def offset_keys(k):
     """key_offset's keys: k (B, n_head, T, head_dim) with the first half of each position's channels
-    replaced by those of the position before; before (B, n_head, 1, head_dim) is the key before the
-    first position, None where there is none (zeros)."""
+    replaced by those of the position before (zeros at position 0)."""
     half = k.size(-1) // 2
-    before = k.new_zeros(k.size(0), k.size(1), 1, half) if before is None else before[..., :half]
-    return torch.cat((torch.cat((before, k[..., :-1, :half]), 2), k[..., half:]), dim=-1)
+    return torch.cat((F.pad(k[..., :half], (0, 0, 1, 0))[:, :, :-1], k[..., half:]), dim=-1)
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        hidden = config.mlp_hidden or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, hidden)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(hidden, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class SwiGLU(nn.Module):
-    """silu(x W) * (x V), projected back (Shazeer, GLU Variants Improve Transformer). Two input
-    matrices instead of one, so the hidden width is mlp_hidden, or else 2/3 of GELU's 4 * n_embd:
-    at the same width, about 3/2 of GELU's parameters and work."""
+    """GPT-2's GELU MLP; with swiglu, silu(x W) * (x V) (Shazeer, GLU Variants Improve Transformer),
+    W and V in one product, by default 8/3 n_embd wide: about GELU's parameters at 4 n_embd."""
 
     def __init__(self, config):
         super().__init__()
-        self.hidden = config.mlp_hidden or 8 * config.n_embd // 3
-        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden)  # gate and value in one product
+        self.swiglu = config.swiglu
+        self.hidden = config.mlp_hidden or (8 * config.n_embd // 3 if config.swiglu else 4 * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, (1 + config.swiglu) * self.hidden)
         self.c_proj = nn.Linear(self.hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        gate, value = self.c_fc(x).split(self.hidden, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * value))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.split(self.hidden, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * value))
+        return self.dropout(self.c_proj(F.gelu(h)))
 
 
 class Block(nn.Module):
@@ -170,7 +160,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = SwiGLU(config) if config.swiglu else MLP(config)
+        self.mlp = MLP(config)
         self.shift_gate_1, self.shift_gate_2 = shift_gate(config), shift_gate(config)
 
     def forward(self, x, cache=None, trace=None):
@@ -199,16 +189,14 @@ def mix(x, shares, gate=None, cache=None, key=None):
     """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k; with
     gate (shift_gate's projection) what the shares add is scaled at each position by 2 sigmoid(gate(x)),
     so that a character can take more or less of those before it. cache keeps, under key, the inputs
-    of the positions before x's first (zeros before the first position)."""
+    of the positions before x's: Mix reads the last len(shares) of them (none before position 0)."""
     if not shares:
         return x
     if cache is None:
         out = Mix.apply(x, *shares)
     else:
-        reach = len(shares)
-        full = torch.cat((cache.kept.get(key, x.new_zeros(x.size(0), reach, x.size(2))), x), 1)
-        cache.kept[key] = full[:, -reach:]
-        out = Mix.apply(full, *shares)[:, reach:]
+        T = x.size(1)
+        out = Mix.apply(cache.extend(key, x, 1)[:, -(T + len(shares)):], *shares)[:, -T:]
     return out if gate is None else x + 2 * torch.sigmoid(gate(x)) * (out - x)
 
 
@@ -254,13 +242,10 @@ def pair_index(vocab_size, bigram, counts=None):
     return index.int()  # half the size in a checkpoint: a BPE vocabulary makes the table large
 
 
-def pair_rows(idx, index, before=None):
+def pair_rows(idx, index):
     """The bigram table's row for each position of idx (B, T), read from index (pair_index's table)
-    for the id before it and its own. The id before the first position is before (B, 1); None means
-    a window's start, where none is in view."""
-    before = idx.new_full((idx.size(0), 1), -1) if before is None else before
-    previous = before if idx.size(1) == 1 else torch.cat([before, idx[:, :-1]], 1)  # one id: no copy to make
-    return index[previous + 1, idx]
+    for the id before it and its own; none is before the first (-1: a window's start)."""
+    return index[F.pad(idx[:, :-1], (1, 0), value=-1) + 1, idx]
 
 
 class GPT(nn.Module):
@@ -337,9 +322,8 @@ class GPT(nn.Module):
                 trace["terms"]["shift"] = shifted - x
         x = shifted
         if self.config.bigram:
-            rows = self.bigram(pair_rows(idx, self.pair_index, None if start == 0 else cache.kept[self.bigram]))
-            if cache is not None:
-                cache.kept[self.bigram] = idx[:, -1:]
+            ids = idx if cache is None else cache.extend(self.bigram, idx, 1)  # the ids before idx's first too
+            rows = self.bigram(pair_rows(ids, self.pair_index)[:, -T:])
             if trace is not None:
                 trace["terms"]["bigram"] = rows
             x = x + rows

@@ -1,19 +1,12 @@
 """The tokenizers: characters (TOKENIZER = "char", the default) or byte-level BPE ("bpe").
 
-The character tokenizer has one id per character seen in the first stories of the training data,
-plus an end-of-story token and an unknown-character token. Ids are the characters sorted by code
-point, so the same characters give the same ids on every run and machine. A vocabulary grown for
-fine-tuning (Tokenizer.grown) appends the new characters after the old ones instead, so that every
-old id keeps its meaning, and the embedding's and head's rows their use.
-
-The BPE tokenizer is a byte-level BPE of VOCAB_SIZE ids trained with Hugging Face's `tokenizers`
-on the same first stories: every text is some sequence of its ids, so nothing is unknown. Its
-id 0 is the same end-of-story token.
-
-Either travels inside every checkpoint (state_dict, with its "kind") and is restored from there by
-load_tokenizer, never rebuilt on resume. Each also says how many characters each of its ids
-stands for (char_lengths), so that losses can be given in bits per character whatever the
-tokenizer: a character tokenizer's ids stand for one character each.
+The character tokenizer has an id per character of the first training stories, sorted by code
+point (the same ids on every run), after an end-of-story and an unknown-character id; one grown
+for fine-tuning (Tokenizer.grown) appends the new characters, so every old id keeps its meaning.
+The BPE tokenizer is Hugging Face's byte-level BPE of VOCAB_SIZE ids trained on the same stories:
+nothing is unknown, and id 0 is the same end-of-story token. Either travels in every checkpoint
+(state_dict, with its "kind"), never rebuilt on resume, and says how many characters each id
+stands for (char_lengths), so losses can be given in bits per character whatever the tokenizer.
 """
 
 from config import UserError

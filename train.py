@@ -7,10 +7,9 @@ Every setting is a constant in config.py and can be overridden for one run as --
 A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current step,
 saves a checkpoint and exits; the same command then continues exactly where it stopped.
 
-The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation,
-checkpoint state), then the run itself: start or resume, the loop, the final report.
-The data pipeline is data.py, the model model.py, its optimizers optim.py, the device device.py,
-the checkpoint files checkpoint.py, the metrics file and loss picture metrics.py.
+The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation, sampling), then
+the run itself: start or resume, the loop, the report. The data pipeline is data.py, the model model.py, its
+optimizers optim.py, the device device.py, checkpoints checkpoint.py, the metrics and loss picture metrics.py.
 """
 
 import bisect
@@ -22,10 +21,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# Before torch loads OpenMP and MKL, which read these once: a fixed number of threads for every matrix
-# product. Asked to be dynamic, OpenMP gives a product fewer threads when the machine's 15-minute load
-# is high, and a product whose sum is split across threads rounds differently: the same run, or a
-# resumed one, would then not be the same bit for bit. Set, not defaulted: an inherited TRUE does that.
+# Before torch loads OpenMP and MKL, which read these once. Left dynamic, they give a matrix product fewer threads
+# when the machine is busy, and a sum split across fewer threads rounds differently: a run, or a resumed one, would
+# not repeat bit for bit. Set, not defaulted: an inherited TRUE does that.
 os.environ["OMP_DYNAMIC"] = "FALSE"
 os.environ["MKL_DYNAMIC"] = "FALSE"
 
@@ -50,56 +48,9 @@ READS = ("data", "model", "training", "evaluation and progress", "checkpoints", 
 
 
 def settings(argv):
-    """config.py's settings with argv's overrides, checked; STAGES parsed into cfg["stages"]."""
+    """config.py's settings with argv's overrides, checked and completed by config.check."""
     cfg = config.load(argv, __doc__, READS)
-    positive = ["block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
-                "learning_rate", "log_interval", "eval_interval", "checkpoint_interval",
-                "keep_checkpoints", "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise UserError(f"--{key} must be positive, not {cfg[key]}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
-                "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key} must not be negative, not {cfg[key]}")
-    if not 0 <= cfg["cooldown"] <= 1:
-        raise UserError(f"--cooldown is a fraction of the run, from 0 to 1, not {cfg['cooldown']}")
-    if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
-        raise UserError("--dropout, --beta1 and --beta2 must be at least 0 and below 1")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise UserError(f"--n_embd={cfg['n_embd']} does not split into --n_head={cfg['n_head']} heads: "
-                        "make n_embd a multiple of n_head")
-    if cfg["stages"]:
-        try:
-            stages = [int(s) for s in cfg["stages"].split(",")]
-        except ValueError:
-            raise UserError(f"--stages takes step counts separated by commas, as in --stages=30,30, "
-                            f"not {cfg['stages']!r}") from None
-        if min(stages) <= 0:
-            raise UserError(f"every stage needs at least one step: --stages={cfg['stages']}")
-        if cfg["max_steps"] not in (config.MAX_STEPS, sum(stages)):
-            raise UserError(f"--stages={cfg['stages']} adds up to {sum(stages)} steps but --max_steps is "
-                            f"{cfg['max_steps']}: leave --max_steps out, or make the two agree")
-        cfg["stages"], cfg["max_steps"] = stages, sum(stages)
-    else:
-        cfg["stages"] = [cfg["max_steps"]]
-    named = {arg.split("=")[0].replace("-", "_").lower()[2:] for arg in argv}  # the settings given by name
-    if cfg["eval_only"] and "eval_chars" not in named:
-        cfg["eval_chars"] = 0  # the whole validation split
-    shortest, what = min(cfg["stages"]), "shortest stage" if len(cfg["stages"]) > 1 else "run"
-    if cfg["warmup_steps"] > shortest:
-        if "warmup_steps" in named:
-            raise UserError(f"--warmup_steps={cfg['warmup_steps']} is longer than the {what} ({shortest} steps): "
-                            "lower --warmup_steps")
-        # Not asked for by name: a short run (--max_steps=50) should just work.
-        cfg["warmup_steps"] = shortest // 10
-        if os.environ.get("RANK", "0") == "0":
-            print(f"note: warmup of {cfg['warmup_steps']} steps, a tenth of the {shortest}-step {what} "
-                  f"(WARMUP_STEPS={config.WARMUP_STEPS} is longer than it; --warmup_steps sets it)")
-    if cfg["init_from"] and not cfg["eval_only"]:  # left to the checkpoint (checkpoint.inherit), unless given
-        for key in (*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"):
-            if key not in named:
-                cfg[key] = None
+    config.check(cfg, argv, inherited=(*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"))  # INIT_FROM's shape
     return cfg
 
 
@@ -122,9 +73,8 @@ def setup_distributed(cfg):
 # ----------------------------------------------------------------------------- the pieces of a run
 
 def learning_rate(step, steps, cfg):
-    """The rate at step of a stage of steps steps (the whole run when it has no stages): linear
-    warmup to LEARNING_RATE, then cosine decay to MIN_LR at the stage's end; or, with COOLDOWN,
-    LEARNING_RATE held until the last COOLDOWN of the stage, then a linear decay to MIN_LR."""
+    """The rate at step of a stage of steps steps (the run, without stages): linear warmup to LEARNING_RATE,
+    then cosine decay to MIN_LR; with COOLDOWN, held until the stage's last COOLDOWN, then linear to MIN_LR."""
     if step < cfg["warmup_steps"]:
         return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
     if cfg["cooldown"]:
@@ -141,10 +91,8 @@ def stage_starts(cfg):
 
 @torch.no_grad()
 def evaluate(model, batches, counts, device, autocast):
-    """(validation loss in nats per token, in bits per character): the loss summed over every token of
-    the validation text (of every rank's share of it, under torchrun), over its tokens, and over the
-    characters they stand for, / ln 2. counts: the (tokens, characters) of batches' targets, which
-    run counts once. With the char tokenizer a token is a character."""
+    """(validation loss in nats per token, in bits per character), over every token of the validation text (of
+    every rank's share, under torchrun). counts: the (tokens, characters) of batches' targets, counted once."""
     model.eval()
     total = torch.tensor([0.0, *counts], device=device)  # summed loss, tokens, characters
     for x, y in batches:
@@ -158,10 +106,8 @@ def evaluate(model, batches, counts, device, autocast):
 
 
 def sample(model, prompt, tokenizer, cfg, device, step):
-    """A short continuation of PROMPT (prompt: its ids), to watch a run learn: SAMPLE_CHARS tokens of top-k
-    at TEMPERATURE, drawn with a generator of its own seeded by the step, so the run's random numbers are
-    untouched (the same losses with samples as without) and a resumed run draws the samples the unbroken
-    one did. generate keeps the last block_size ids of a long prompt."""
+    """A short continuation of PROMPT (prompt: its ids) to watch a run learn, drawn with a generator of its own
+    seeded by the step: the run's random numbers stay untouched, and a resumed run draws the unbroken one's."""
     model.eval()
     out = model.generate(torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
                          cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
@@ -182,8 +128,8 @@ def main(argv):
         make_deterministic(cfg["device"])  # before setup_distributed, which starts CUDA
     rank, world_size, device = setup_distributed(cfg)
     try:
-        # One run per OUT_DIR: a second would remove or overwrite this one's checkpoints and metrics. Rank 0
-        # holds the lock until the run ends; evaluating and sampling only read, so they need none.
+        # One run per OUT_DIR, or a second would remove or overwrite this one's checkpoints: rank 0 holds the lock
+        # until the run ends. Evaluating only reads.
         with checkpoint.lock(Path(cfg["out_dir"])) if rank == 0 and not cfg["eval_only"] else nullcontext():
             run(cfg, rank, world_size, device)
     finally:
@@ -191,25 +137,86 @@ def main(argv):
             dist.destroy_process_group()
 
 
+def run(cfg, rank, world_size, device):
+    """Start or resume, train to MAX_STEPS and report; with EVAL_ONLY, evaluate only. The steps keep the order
+    of the random draws (the seed, the weights, the optimizer, the data), so that a run repeats exactly."""
+    out_dir = Path(cfg["out_dir"])
+    path, state, tokenizer, source, texts = start(cfg, world_size, out_dir)
+    model = make_model(cfg, rank, tokenizer, None if state or source else texts, device)
+    val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
+    char_lengths = torch.tensor(tokenizer.char_lengths)
+    val_counts = tuple(map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in val_batches))))
+    print(f"validation: {about}, {val_counts[1]:,} characters"
+          f"{f' in {val_counts[0]:,} tokens' * (tokenizer.unit == 'token')}{' on this rank' * (world_size > 1)}")
+    if cfg["eval_only"]:
+        model.load_state_dict(state["model"])
+        val_loss, val_bpc = evaluate(model, val_batches, val_counts, device, autocast_for(device))
+        print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_counts[1]} val_tokens={val_counts[0]}")
+        return
+    optimizer = new_optimizer(model, cfg, device)
+    batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
+    step = restore(cfg, rank, model, optimizer, batches, device, path, state, source)
+    if step >= cfg["max_steps"]:
+        print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
+        return
+    metrics = Metrics(out_dir, step, cfg, state and state.get("wandb_id")) if rank == 0 else None
+    accum = cfg["grad_accum_steps"]
+    chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
+    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size} ({tokenizer.kind}), "
+          f"device {device}; global batch {cfg['batch_size'] * accum * world_size} windows = {cfg['batch_size']} x "
+          f"{world_size} rank{'s' * (world_size > 1)} x {accum} accumulation step{'s' * (accum > 1)}")
+    train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
+    if world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    stop = []  # the signal that asked to stop, once one has
+
+    def on_signal(signum, frame):  # the first lets the step finish and be saved; a second quits at once
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    first_step, started = step, time.time()
+    try:
+        step, train_time, val_loss, val_bpc, saved = train(cfg, rank, device, model, train_model, optimizer, batches,
+                                                           step, tokenizer, (val_batches, val_counts), metrics,
+                                                           stop, chars_per_step, started)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        batches.close()
+        if metrics:
+            metrics.close()
+    unknown = tokenizer.unknown_report()
+    if unknown:
+        print(f"note: {unknown}")
+    if stop:
+        print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
+        return
+    if world_size > 1:
+        check_replicas(model)
+    report(model, device, world_size, chars_per_step * (step - first_step) / train_time,
+           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, val_bpc, tokenizer.unit,
+           saved)
+    plot_losses(out_dir, chars_per_step)
+
+
 def start(cfg, world_size, out_dir):
-    """(path, state, tokenizer, source, texts): the newest checkpoint in out_dir and its tokenizer; or,
-    for a fresh run, (None, None, a tokenizer built from texts, None, texts), texts the first training
-    stories; or, for a fresh run from INIT_FROM, source is (path, state) of that checkpoint, and the
-    tokenizer is its own, with the characters of texts that it lacks added."""
+    """(path, state, tokenizer, source, texts): the checkpoint to resume (or evaluate) and its tokenizer; else the
+    first training stories (texts), INIT_FROM's (path, state) if any (source), and a tokenizer for them."""
     if cfg["eval_only"] and cfg["checkpoint"]:
-        found = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
+        path, state = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
     else:
-        found = checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None
-    if found and cfg["init_from"] and not cfg["eval_only"]:
-        # Only a run started from the same INIT_FROM goes on: anything else is ambiguous.
-        started_from = found[1]["config"].get("init_from")
+        path, state = (checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None) or (None, None)
+    if state and cfg["init_from"] and not cfg["eval_only"]:
+        started_from = state["config"].get("init_from")  # only a run started from the same INIT_FROM goes on
         if not started_from or Path(started_from).resolve() != Path(cfg["init_from"]).resolve():
-            raise UserError(f"{found[0]} is a run of its own, and --init_from={cfg['init_from']} asks for a new one: "
+            raise UserError(f"{path} is a run of its own, and --init_from={cfg['init_from']} asks for a new one: "
                             f"pass --resume=False to start afresh from {cfg['init_from']} (removing the checkpoints "
-                            f"in {out_dir}), or drop --init_from to resume {found[0]}")
-        checkpoint.inherit(cfg, found[1], found[0])
-    if found:
-        path, state = found
+                            f"in {out_dir}), or drop --init_from to resume {path}")
+        checkpoint.inherit(cfg, state, path)
+    if state:
         if cfg["eval_only"]:  # a checkpoint is evaluated as it is, whatever shape the config gives
             cfg.update(checkpoint.model_settings(state))
         else:
@@ -227,8 +234,7 @@ def start(cfg, world_size, out_dir):
 
 
 def grown_tokenizer(path, state, texts):
-    """The tokenizer of the checkpoint state at path, with the characters of texts that it lacks added (a
-    BPE tokenizer as it is: it covers every text); the run says which."""
+    """The tokenizer of the checkpoint state at path, the characters of texts it lacks added (BPE covers all)."""
     tokenizer = load_tokenizer(state["tokenizer"])
     if tokenizer.kind == "bpe":
         print(f"vocabulary: the {tokenizer.vocab_size} BPE ids of {path}, as byte-level BPE covers every text")
@@ -240,36 +246,25 @@ def grown_tokenizer(path, state, texts):
     return grown
 
 
-def run(cfg, rank, world_size, device):
-    out_dir = Path(cfg["out_dir"])
-    path, state, tokenizer, source, texts = start(cfg, world_size, out_dir)
+def make_model(cfg, rank, tokenizer, texts, device):
+    """The GPT cfg describes, on device; texts, in a fresh run, give their commonest pairs a bigram row each."""
     torch.manual_seed(cfg["seed"] + rank)  # DDP copies rank 0's weights; dropout differs per rank
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, dropout=cfg["dropout"],
                           **{key: cfg[key] for key in checkpoint.MODEL_KEYS}))
-    if model.config.bigram and not state and not source:  # the commonest pairs of the data get a row each
+    if model.config.bigram and texts is not None:
         counts = data.pair_counts(texts, tokenizer, cfg["block_size"])
         model.pair_index.copy_(pair_index(tokenizer.vocab_size, cfg["bigram"], counts))
-    model.to(device)
-    autocast = autocast_for(device)  # bf16 on CUDA where it can
-    val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
-    char_lengths = torch.tensor(tokenizer.char_lengths)
-    val_tokens, val_chars = map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in val_batches)))
-    unit = tokenizer.unit
-    print(f"validation: {about}, {val_chars:,} characters{f' in {val_tokens:,} tokens' * (unit == 'token')}"
-          f"{' on this rank' if world_size > 1 else ''}")
-    if cfg["eval_only"]:
-        model.load_state_dict(state["model"])
-        val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
-        print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_chars} val_tokens={val_tokens}")
-        return
+    return model.to(device)
 
-    def new_optimizer():
-        return optim.optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
-                               device.type, cfg["muon"], cfg["adam_eps"])
 
-    optimizer = new_optimizer()
-    batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
-    step = 0
+def new_optimizer(model, cfg, device):
+    return optim.optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                           device.type, cfg["muon"], cfg["adam_eps"])
+
+
+def restore(cfg, rank, model, optimizer, batches, device, path, state, source):
+    """The step to go on from: the checkpoint state's, restored into model, optimizer and batches; else 0, from
+    INIT_FROM's weights (source) or random ones, with an earlier run's checkpoints in OUT_DIR removed."""
     if source:
         model.load_state_dict(grow_vocabulary(source[1]["model"], model))
         print(f"fine-tuning {source[0]}, trained {source[1]['step']} steps: its weights, a fresh optimizer "
@@ -277,107 +272,70 @@ def run(cfg, rank, world_size, device):
     if state:
         step = checkpoint.restore(state, rank, model, optimizer, batches, device)
         print(f"resuming from {path} at step {step} (--resume=False starts afresh)")
-    elif checkpoint.paths(out_dir) and rank == 0:
-        print(f"starting fresh: removing the checkpoints in {out_dir}")
-        for old in checkpoint.paths(out_dir):
+        return step
+    if checkpoint.paths(cfg["out_dir"]) and rank == 0:
+        print(f"starting fresh: removing the checkpoints in {cfg['out_dir']}")
+        for old in checkpoint.paths(cfg["out_dir"]):
             old.unlink()
-    if step >= cfg["max_steps"]:
-        print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
-        return
-    metrics = Metrics(out_dir, step, cfg, state and state.get("wandb_id")) if rank == 0 else None
+    return 0
 
-    accum = cfg["grad_accum_steps"]
-    chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
-    print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size} ({tokenizer.kind}), "
-          f"device {device}; "
-          f"global batch {cfg['batch_size'] * accum * world_size} windows = {cfg['batch_size']} x {world_size} "
-          f"rank{'s' if world_size > 1 else ''} x {accum} accumulation step{'s' if accum > 1 else ''}")
-    train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
-    if world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop = []  # the signal that asked to stop, once one has
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    starts = stage_starts(cfg)
+def train(cfg, rank, device, model, train_model, optimizer, batches, step, tokenizer, val, metrics, stop,
+          chars_per_step, started):
+    """Train from step to MAX_STEPS, or until stop, logging, sampling, evaluating and saving on the way: (the
+    step reached, the training time, the last validation loss and bpc, the last checkpoint saved)."""
+    starts, unit, autocast = stage_starts(cfg), tokenizer.unit, autocast_for(device)  # bf16 on CUDA where it can
+    (val_batches, (val_tokens, val_chars)), char_lengths = val, torch.tensor(tokenizer.char_lengths)
     prompt = tokenizer.encode(cfg["prompt"]) if cfg["sample_interval"] else None  # once: unknowns counted once
-    first_step, log_step, started, log_time, train_time = step, step, time.time(), time.time(), 0.0
+    first_step, log_step, log_time, train_time = step, step, started, 0.0
     val_loss = val_bpc = saved = None
-    try:
-        while step < cfg["max_steps"]:
-            stage = bisect.bisect_right(starts, step) - 1
-            if step == starts[stage] and step > 0:
-                # A stage boundary: same weights, fresh AdamW moments and a restarted schedule.
-                optimizer = new_optimizer()
-                print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
-            lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
-            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step,
-                                   char_lengths)
-            step += 1
-
-            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-                now = time.time()
-                train_time += now - log_time
-                rate = chars_per_step * (step - log_step) / (now - log_time)
-                eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
-                staged = {"stage": stage + 1} if len(starts) > 1 else {}  # shown only when there are stages
-                print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
-                      f"| loss {loss:.4f} | {bpc:.4f} bits/char | lr {lr:.2e} | {rate:,.0f} {unit}/s "
-                      f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
-                if metrics:
-                    metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
-                                elapsed_s=now - started)
-                log_step, log_time = step, time.time()
-            if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
-                sampling_started = time.time()
-                text = sample(model, prompt, tokenizer, cfg, device, step)
-                print("sample: " + text.replace("\n", "\n        "))
-                metrics.log(step=step, sample=text)
-                log_time += time.time() - sampling_started  # nor is sampling
-            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
-                eval_started = time.time()
-                val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
-                print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
-                if metrics:
-                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
-                log_time += time.time() - eval_started  # evaluation is not training time
-            if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
-                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
-                                           metrics and metrics.wandb_id)
-                if rank == 0:
-                    saved = checkpoint.save(state, out_dir, cfg["keep_checkpoints"])
-            if stop:
-                break
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        batches.close()
-        if metrics:
-            metrics.close()
-
-    unknown = tokenizer.unknown_report()
-    if unknown:
-        print(f"note: {unknown}")
-    if stop:
-        print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
-        return
-    if world_size > 1:
-        check_replicas(model)
-    report(model, device, world_size, chars_per_step * (step - first_step) / train_time,
-           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, val_bpc, unit, saved)
-    plot_losses(out_dir, chars_per_step)
+    while step < cfg["max_steps"]:
+        stage = bisect.bisect_right(starts, step) - 1
+        if step == starts[stage] and step > 0:  # same weights, fresh AdamW moments and a restarted schedule
+            optimizer = new_optimizer(model, cfg, device)
+            print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
+        lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
+        loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths)
+        step += 1
+        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+            now = time.time()
+            train_time += now - log_time
+            rate = chars_per_step * (step - log_step) / (now - log_time)
+            eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
+            staged = {"stage": stage + 1} if len(starts) > 1 else {}  # shown only when there are stages
+            print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
+                  f"| loss {loss:.4f} | {bpc:.4f} bits/char | lr {lr:.2e} | {rate:,.0f} {unit}/s "
+                  f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
+            if metrics:
+                metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
+                            elapsed_s=now - started)
+            log_step, log_time = step, time.time()
+        if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
+            sampling_started = time.time()
+            text = sample(model, prompt, tokenizer, cfg, device, step)
+            print("sample: " + text.replace("\n", "\n        "))
+            metrics.log(step=step, sample=text)
+            log_time += time.time() - sampling_started  # sampling is not training time
+        if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
+            eval_started = time.time()
+            val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
+            print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
+            if metrics:
+                metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
+            log_time += time.time() - eval_started  # nor is evaluation
+        if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
+            state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
+                                       metrics and metrics.wandb_id)
+            if rank == 0:
+                saved = checkpoint.save(state, Path(cfg["out_dir"]), cfg["keep_checkpoints"])
+        if stop:
+            break
+    return step, train_time, val_loss, val_bpc, saved
 
 
 def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths):
-    """One optimizer step at learning rate lr over GRAD_ACCUM_STEPS micro-batches; the mean loss, in nats
-    per token and in bits per character. A loss that is not finite stops the run before the update, so no
-    bad weights are ever saved."""
+    """One optimizer step at rate lr over GRAD_ACCUM_STEPS micro-batches: the mean loss, in nats per token and
+    bits per character. A loss that is not finite stops the run before the update: no bad weights are saved."""
     for group in optimizer.param_groups:  # read from cfg, not the group: a resume may change it
         group["lr"] = lr * (cfg["bigram_lr"] if group.get("name") == "bigram" else 1)
     accum, distributed = cfg["grad_accum_steps"], dist.is_initialized()
@@ -411,8 +369,7 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
 
 
 def report(model, device, world_size, rate, steps, val_loss, val_bpc, unit, saved):
-    """The final lines: speed, validation loss, and MFU against the measured matrix-product rate of
-    the dtype the run computed in."""
+    """The final lines: speed, validation loss, and MFU against the measured matrix-product rate."""
     print(f"done: {steps}, {rate:,.0f} {unit}/s in training; "
           f"val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char); saved {saved}")
     flops, dtype = model.flops_per_char(), compute_dtype(device)  # the rate of the dtype it computed in

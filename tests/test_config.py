@@ -71,3 +71,10 @@ def test_help_lists_the_settings_a_command_reads_with_their_defaults_and_exits_0
     assert f"--prompt={config.PROMPT}" in done.stdout if script != "bench.py" else "--prompt" not in done.stdout
     if script == "train.py":  # each with config.py's own comment on it
         assert f"--max_steps={config.MAX_STEPS}" in done.stdout and "optimizer steps in all" in done.stdout
+
+
+def test_check_leaves_the_inherited_settings_to_init_from_unless_named():
+    argv = ["--init_from=run", "--n_layer=2"]
+    cfg = config.load(argv)
+    config.check(cfg, argv, inherited=("n_layer", "n_head"))
+    assert cfg["n_layer"] == 2 and cfg["n_head"] is None

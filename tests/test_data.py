@@ -69,7 +69,7 @@ def test_the_stream_starts_over_at_the_end_of_the_data(tmp_path):
     ids = windows(batches, 12)  # 2,424 ids: more than two epochs of these five stories
     assert len(ids) > 2 * len(one_epoch)
     assert ids == (one_epoch * 3)[:len(ids)]
-    assert batches.epoch == 2
+    assert batches.rows.epoch == 2
 
 
 def test_a_resume_across_an_epoch_boundary_continues_the_stream(tmp_path):
@@ -133,15 +133,32 @@ def test_a_shuffled_stream_resumes_exactly(stories_dir):
         assert ids == whole, f"resumed after {stop} batches"
 
 
+def test_the_saved_state_is_one_flat_dict_with_the_keys_checkpoints_hold(stories_dir):
+    batches = Batches(open_split(str(stories_dir), "train"), Tokenizer.from_texts(make_stories(300, 0)), 4, 100,
+                      shuffle=64)
+    windows(batches, 37)  # mid-epoch, within a run of rows
+    assert set(batches.state_dict()) == {"dataset", "order", "taken", "chunks", "shards", "buffer", "queue", "rest",
+                                         "open", "epoch", "story", "epoch_ids"}
+
+
+def test_a_loaded_state_is_saved_again_unchanged(stories_dir):
+    tok = Tokenizer.from_texts(make_stories(300, 0))
+    first = Batches(open_split(str(stories_dir), "train"), tok, batch_size=4, block_size=100, shuffle=64)
+    windows(first, 37)
+    resumed = Batches(open_split(str(stories_dir), "train"), tok, batch_size=4, block_size=100, shuffle=64)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.state_dict() == first.state_dict()
+
+
 def test_training_reads_held_out_data_and_txt_lines_in_their_stored_order(stories_dir, tmp_path, capsys):
     tok = Tokenizer.from_texts(make_stories(300, 0))
     cfg = {"dataset": str(stories_dir), "holdout_every": 20, "shuffle": 64, "seed": 0, "batch_size": 4,
            "block_size": 100}
-    assert data.training_batches(cfg, tok, held_out=False).shuffle == 64
-    assert data.training_batches(cfg, tok, held_out=True).shuffle == 1
+    assert data.training_batches(cfg, tok, held_out=False).rows.shuffle == 64
+    assert data.training_batches(cfg, tok, held_out=True).rows.shuffle == 1
     assert "none of them held out" in capsys.readouterr().out
     (tmp_path / "lines.txt").write_text("One line.\nAnother line.\n")
-    assert data.training_batches({**cfg, "dataset": str(tmp_path / "lines.txt")}, tok, held_out=True).shuffle == 1
+    assert data.training_batches({**cfg, "dataset": str(tmp_path / "lines.txt")}, tok, held_out=True).rows.shuffle == 1
     assert "not the lines of a .txt file" in capsys.readouterr().out
 
 
@@ -181,7 +198,7 @@ def test_a_story_cut_between_lines_survives_a_resume(tmp_path):
     tok = Tokenizer.from_texts(stories)
     first = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=8, lines=True)
     ids = windows(first, 5)
-    assert first.open and first.rest  # a story is partly in the buffer, partly held back
+    assert first.stories.open and first.stories.rest  # a story is partly in the buffer, partly held back
     resumed = Batches(open_split(str(path), "train"), tok, batch_size=1, block_size=8, lines=True)
     resumed.load_state_dict(first.state_dict())
     ids += windows(resumed, 30)
@@ -201,9 +218,9 @@ def packed_with_bounded_state(batches, n):
     ids = []
     for _ in range(n):
         ids += windows(batches, 1)
-        window = batches.size[1]
-        assert len(batches.buffer) <= batches.size[0] * window + data.PIECE + 2 * window
-        assert len(batches.rest) <= 2 * window
+        batch_size, window = batches.windows.size
+        assert len(batches.windows.buffer) <= batch_size * window + data.PIECE + 2 * window
+        assert len(batches.stories.rest) <= 2 * window
     return ids
 
 
@@ -327,7 +344,7 @@ def write_row_groups(path, stories, rows_per_group):
 
 def test_a_parquet_file_is_streamed_one_row_group_at_a_time(tmp_path):
     # pyarrow reads a file it scans ahead to its end in the background, holding what it decoded:
-    # a scan per row group (a shard each) keeps that to one row group. bench.py --rss measures the
+    # a scan per row group (a shard each) keeps that to one row group. experiments/memory.py measures the
     # memory itself; here, that the shards are row groups, and that ranks split them.
     stories = make_stories(40, 0)
     path = tmp_path / "groups.parquet"
@@ -349,7 +366,7 @@ def test_a_resume_does_not_read_the_row_groups_before_its_position(tmp_path):
     # Overwrite the row groups before the one the last story read came from (one story a row), all
     # but the last of them: a resume that read them to skip them would fail. datasets does read that
     # last one again: its position is saved as the end of the row group before the current one.
-    current = (first.story - 1) // 50
+    current = (first.stories.story - 1) // 50
     assert current >= 3
     meta = pq.ParquetFile(path).metadata
     with open(path, "r+b") as f:

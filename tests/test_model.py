@@ -114,7 +114,6 @@ def test_a_pair_row_hashes_the_previous_and_current_id_and_a_window_start_has_no
     index, h = pair_index(20, 64), PAIR_HASH
     rows = pair_rows(torch.tensor([[3, 5, 7]]), index)
     assert rows.tolist() == [[(0 * h + 3) % 64, (4 * h + 5) % 64, (6 * h + 7) % 64]]
-    assert pair_rows(torch.tensor([[5]]), index, before=torch.tensor([[3]])).tolist() == [[(4 * h + 5) % 64]]
 
 
 def test_a_pairs_hashed_row_does_not_depend_on_the_vocabulary_size_which_fine_tuning_grows():

@@ -133,7 +133,7 @@ def pieces(tokenizer, text, ids):
 
 def windows(n, T):
     """(start, first) for each window of the inputs that predict n targets: window k reads inputs start ..
-    start + T - 1 and its predictions from first on are the ones shown. As generate.py slides the context:
+    start + T - 1 and its predictions from first on are the ones shown. As GPT.generate slides the context:
     when T positions are full, the next window starts from the last T // 2 of them, so that every
     prediction after the first window's is made from at least T // 2 ids."""
     spans = [(0, 0)]

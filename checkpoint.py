@@ -1,8 +1,6 @@
-"""What a checkpoint is: one torch.save'd dict of tensors, numbers, strings, lists and dicts (so
-torch.load(weights_only=True) reads it without pickled code) holding everything a run needs to go
-on exactly (capture), and a checksum of it all: torch.load alone does not notice a damaged byte
-inside a tensor. Written atomically, the newest few kept; read back checked, older formats
-converted; and whether one can continue under the settings given (check_resumable)."""
+"""What a checkpoint is: a torch.save'd dict of plain values and tensors (torch.load(weights_only=True) reads it
+without pickled code) holding all a run needs to go on exactly, with a checksum, as torch.load misses a damaged
+tensor. Written atomically, read back checked, older formats converted; and which one a run goes on from."""
 
 import bisect
 import errno
@@ -24,8 +22,7 @@ from model import GPTConfig, pair_index
 FORMAT = 2  # raised whenever the layout of a checkpoint changes; load converts the older ones
 PATTERN = "ckpt_*.pt"
 LOCK = "train.lock"  # in OUT_DIR: held by the run training there, and holds its process id from byte 1 on
-# What to do about a checkpoint that could not be written, by the error number: only a full disk
-# is cured by freeing space.
+# What to do about a checkpoint that could not be written, by error number: only a full disk wants space freed.
 FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within the disk quota",
          errno.EACCES: "make {} writable", errno.EPERM: "make {} writable", errno.EROFS: "make {} writable",
          errno.ENOENT: "{} was moved or deleted during the run: put it back"}
@@ -59,22 +56,22 @@ def checksum(obj, h=None):
 
 
 def capture(step, starts, model, optimizer, tokenizer, cfg, batches, device, wandb_id=None):
-    """Everything a run needs to continue exactly, after step steps of a run whose stages start
-    at the steps in starts; every rank must call it (it gathers each rank's data and RNG).
-    wandb_id: the W&B run a resume continues, if the run has one."""
+    """All a run (its stages starting at the steps in starts, its W&B run wandb_id) needs to go on exactly after
+    step steps. Every rank calls it: it gathers each rank's data stream and RNGs, in rank order."""
     stage = bisect.bisect_left(starts, step) - 1  # the stage of the last step taken
-    return {
-        "format": FORMAT, "step": step, "stage": stage + 1, "stage_step": step - starts[stage],
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
-        "config": cfg, "tokenizer": tokenizer.state_dict(),
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "data": gather(batches.state_dict()),  # one per rank
-        "rng": gather({"torch": torch.get_rng_state(), "python": random.getstate(),
-                       "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                       "mps": torch.mps.get_rng_state() if device.type == "mps" else None}),
-        "wandb_id": wandb_id,
-        "threads": torch.get_num_threads(),  # a product splits its sum by them: on the CPU the numbers do too
-    }
+    mine = {"data": batches.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "mps": torch.mps.get_rng_state() if device.type == "mps" else None}}
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"format": FORMAT, "step": step, "stage": stage + 1, "stage_step": step - starts[stage],
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
+            "config": cfg, "tokenizer": tokenizer.state_dict(), "world_size": len(ranks),
+            "data": [r["data"] for r in ranks], "rng": [r["rng"] for r in ranks], "wandb_id": wandb_id,
+            "threads": torch.get_num_threads()}  # a product splits its sum by them: on the CPU the numbers do too
 
 
 def restore(state, rank, model, optimizer, batches, device):
@@ -97,19 +94,9 @@ def restore(state, rank, model, optimizer, batches, device):
     return state["step"]
 
 
-def gather(obj):
-    """obj from every rank, as a list in rank order (a list of one without torchrun)."""
-    if not dist.is_initialized():
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 def save(state, out_dir, keep):
-    """Write state as out_dir/ckpt_<step>.pt, then delete all but the newest keep checkpoints. Written
-    beside its final name, flushed and renamed, so a crash at any moment leaves the old set or the new
-    one, never a half-written file under a checkpoint's name; a failed write leaves the old set."""
+    """Write state as out_dir/ckpt_<step>.pt, keeping the newest keep. Written beside its name, flushed and renamed:
+    a crash leaves the old set or the new one, never half a file under a checkpoint's name."""
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt_{state['step']:08d}.pt"
     tmp = path.with_suffix(".tmp")
@@ -120,15 +107,12 @@ def save(state, out_dir, keep):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         if os.name != "nt":  # make the rename itself durable (Windows cannot open a folder to flush it)
-            dir_fd = os.open(out_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            folder = os.open(out_dir, os.O_RDONLY)
+            os.fsync(folder)
+            os.close(folder)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        found = paths(out_dir)
-        fix = FIXES.get(e.errno, "fix that").format(out_dir)
+        found, fix = paths(out_dir), FIXES.get(e.errno, "fix that").format(out_dir)
         then = f" to resume from {found[0]}, which is intact" if found else " again"
         raise UserError(f"could not write {path} ({e.strerror or e}): {fix}, then run the same command{then}") from e
     for old in paths(out_dir)[keep:] + list(out_dir.glob("ckpt_*.tmp")):  # and leftovers of a killed run
@@ -137,7 +121,7 @@ def save(state, out_dir, keep):
 
 
 def load(path):
-    """The checkpoint at path, checked; UserError if it cannot be used, saying why."""
+    """The checkpoint at path, checked and in this code's format; UserError if it cannot be used, saying why."""
     if not Path(path).is_file():
         raise UserError(f"no checkpoint file {path}: check the path, or leave --checkpoint out to take the "
                         "newest in --out_dir")
@@ -146,8 +130,8 @@ def load(path):
     except Exception as e:
         raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is another kind of file, "
                         "or truncated or corrupt") from e
-    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
-        found = state.get("format") if isinstance(state, dict) else None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found not in (1, FORMAT):
         raise UserError(f"checkpoint {path} has format {found}, this code reads formats 1 to {FORMAT}: "
                         "use the version of the code that wrote it, or train anew")
     if "checksum" not in state:
@@ -155,7 +139,7 @@ def load(path):
                         "train anew, or sample from it with that version")
     if state.pop("checksum") != checksum(state):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
-    if state["format"] == 1:  # token shift's shares were named shift_1, shift_2, shift_1_back2, ... (same order)
+    if found == 1:  # token shift's shares were named shift_1, shift_2, shift_1_back2, ... (same order)
         state["model"] = {share_name(name): w for name, w in state["model"].items()}
         state["format"] = FORMAT
     weights, args = state["model"], state["model_args"]
@@ -167,8 +151,7 @@ def load(path):
 
 
 def share_name(name):
-    """The name a weight of a format 1 checkpoint has now: token shift's shares are numbered in the
-    order they were registered in, the sites alternating within each distance back."""
+    """A format 1 weight's name now: token shift's shares numbered in the order they were registered in."""
     shift = re.fullmatch(r"(.*)shift(?:_([12]))?(?:_back(\d+))?", name)
     if not shift:
         return name
@@ -177,17 +160,14 @@ def share_name(name):
 
 
 def export(path, dest):
-    """Copy the checkpoint at path to dest for sampling and evaluation only: the weights, the model's
-    settings, the tokenizer and the config it was trained with, without optimizer, data or random
-    state, so it cannot be resumed (half the size)."""
+    """Copy the checkpoint at path to dest for sampling and evaluation only: without optimizer, data and RNGs."""
     state = load(path)
     kept = {key: state[key] for key in ("format", "step", "model", "model_args", "config", "tokenizer")}
     torch.save({**kept, "checksum": checksum(kept)}, dest)
 
 
 def load_newest(out_dir):
-    """(path, state) of the newest intact checkpoint in out_dir, or None if there is none. A damaged one
-    is reported and the one before it tried; none intact is an error."""
+    """(path, state) of the newest intact checkpoint in out_dir (a damaged one is reported), or None if none."""
     found = paths(out_dir)
     for path in found:
         try:
@@ -200,28 +180,9 @@ def load_newest(out_dir):
     return None
 
 
-def load_source(path):
-    """(path, state) of the checkpoint a fine-tuning run starts from (INIT_FROM): the file at path, or the
-    newest intact checkpoint of the run folder at path."""
-    if not Path(path).is_dir():
-        if not Path(path).is_file():
-            raise UserError(f"--init_from={path} is neither a checkpoint file nor a run folder: check the path")
-        return path, load(path)
-    try:
-        found = load_newest(path)
-    except UserError:
-        raise UserError(f"--init_from={path} holds no intact checkpoint: name another file or folder") from None
-    if not found:
-        raise UserError(f"--init_from={path} is a folder without checkpoints: name a checkpoint file, or a run's "
-                        "--out_dir")
-    return found
-
-
 def lock(out_dir):
-    """Claim out_dir for this training run, or refuse, naming the run that holds it; the open lock file,
-    which holds the claim until it is closed or the process ends, however it ends (an OS lock: flock on
-    Linux and macOS, LockFileEx on Windows, so a killed run leaves nothing to clean up). Only this is
-    done to the folder before the claim."""
+    """Claim out_dir for this training run, or refuse, naming the run that holds it: the open lock file. An OS lock,
+    it holds until the file is closed or the process ends, however it ends: a killed run leaves none behind."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / LOCK, "a+")  # not "w": that would erase the holder's process id
@@ -241,19 +202,33 @@ def lock(out_dir):
     return f
 
 
-def model_settings(state):
-    """The MODEL_KEYS settings of the model in checkpoint state; those a checkpoint older than the
-    switch lacks are GPTConfig's defaults, which the model it holds was made with."""
-    return {key: state["model_args"].get(key, getattr(GPTConfig, key)) for key in MODEL_KEYS}
-
-
-def check_resumable(state, path, cfg, world_size):
-    """Refuse a checkpoint that this config cannot continue, saying what differs."""
+def to_resume(cfg, world_size):
+    """(path, state) of the checkpoint a run goes on from, or (None, None) for a fresh one: with EVAL_ONLY,
+    CHECKPOINT or else the newest intact one in OUT_DIR, evaluated as it is whatever shape cfg gives; with RESUME,
+    the newest, refused, saying what differs, where these settings cannot continue it exactly."""
+    out_dir = Path(cfg["out_dir"])
+    if cfg["eval_only"] and cfg["checkpoint"]:
+        path, state = cfg["checkpoint"], load(cfg["checkpoint"])
+    else:
+        path, state = (load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None) or (None, None)
+    if cfg["eval_only"]:
+        if not state:
+            raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
+        cfg.update(model_settings(state))  # a checkpoint is evaluated as it is, whatever shape cfg gives
+        return path, state
+    if not state:
+        return None, None
+    if cfg["init_from"]:  # only a run started from the same INIT_FROM goes on
+        started_from = state["config"].get("init_from")
+        if not started_from or Path(started_from).resolve() != Path(cfg["init_from"]).resolve():
+            raise UserError(f"{path} is a run of its own, and --init_from={cfg['init_from']} asks for a new one: "
+                            f"pass --resume=False to start afresh from {cfg['init_from']} (removing the checkpoints "
+                            f"in {out_dir}), or drop --init_from to resume {path}")
+        inherit(cfg, state, path)
     for key, saved in model_settings(state).items():
         if saved != cfg[key]:
-            raise UserError(f"{path} holds a model with {key}={saved}, the config asks for "
-                            f"{key}={cfg[key]}: pass --{key}={saved} to resume it, or "
-                            "--out_dir=<new folder> to train a new model")
+            raise UserError(f"{path} holds a model with {key}={saved}, the config asks for {key}={cfg[key]}: pass "
+                            f"--{key}={saved} to resume it, or --out_dir=<new folder> to train a new model")
     if state["world_size"] != world_size:
         raise UserError(f"{path} was written by a run of {state['world_size']} processes, this one has "
                         f"{world_size}: resume it with as many (torchrun --nproc_per_node={state['world_size']}"
@@ -262,18 +237,43 @@ def check_resumable(state, path, cfg, world_size):
         raise UserError(f"{path} was trained with --muon={state['config'].get('muon', False)}: pass that to resume "
                         "it, or --out_dir=<new folder>")
     saved = tokenizer_args(state["tokenizer"].get("kind", "char"), state["config"].get("vocab_size"))  # older: no kind
-    if saved != tokenizer_args(cfg["tokenizer"], cfg["vocab_size"]):
-        raise UserError(f"{path} was trained with {saved}, the config asks for "
-                        f"{tokenizer_args(cfg['tokenizer'], cfg['vocab_size'])}: pass {saved} to resume it, or "
-                        "--out_dir=<new folder> to train anew (a tokenizer is never retrained on resume)")
+    asked = tokenizer_args(cfg["tokenizer"], cfg["vocab_size"])
+    if saved != asked:
+        raise UserError(f"{path} was trained with {saved}, the config asks for {asked}: pass {saved} to resume it, "
+                        "or --out_dir=<new folder> to train anew (a tokenizer is never retrained on resume)")
     if state["config"]["dataset"] != cfg["dataset"]:
         raise UserError(f"{path} was trained on {state['config']['dataset']!r}, not {cfg['dataset']!r}: pass "
                         f"--dataset={state['config']['dataset']} to resume it, or --out_dir=<new folder>")
+    return path, state
+
+
+def load_source(cfg):
+    """(path, state) of INIT_FROM, a file or a run folder's newest checkpoint, whose shape and tokenizer cfg takes."""
+    path = cfg["init_from"]
+    if Path(path).is_file():
+        found = path, load(path)
+    elif not Path(path).is_dir():
+        raise UserError(f"--init_from={path} is neither a checkpoint file nor a run folder: check the path")
+    else:
+        try:
+            found = load_newest(path)
+        except UserError:
+            raise UserError(f"--init_from={path} holds no intact checkpoint: name another file or folder") from None
+        if not found:
+            raise UserError(f"--init_from={path} is a folder without checkpoints: name a checkpoint file, or a "
+                            "run's --out_dir")
+    inherit(cfg, found[1], found[0])
+    return found
+
+
+def model_settings(state):
+    """The MODEL_KEYS settings of the model in state: a checkpoint older than a setting has its default."""
+    return {key: state["model_args"].get(key, getattr(GPTConfig, key)) for key in MODEL_KEYS}
 
 
 def inherit(cfg, state, path):
-    """Fill in the model's shape and tokenizer settings that cfg leaves to a checkpoint (None) from state,
-    the checkpoint at path, which a fine-tuning run starts from or continues; refuse one given that differs."""
+    """Fill in the shape and tokenizer settings that cfg leaves (None) to the checkpoint state at path, which a
+    fine-tuning run starts from or continues; refuse one given that differs."""
     kind = state["tokenizer"].get("kind", "char")
     saved = {**model_settings(state), "tokenizer": kind, "vocab_size": state["config"].get("vocab_size")}
     for key, value in saved.items():

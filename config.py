@@ -133,15 +133,14 @@ def load(argv, doc=None, reads=()):
 def check(cfg, argv, inherited=()):
     """Refuse settings no run can use and fill in those that follow: cfg["stages"] a list (MAX_STEPS its sum),
     a warmup cut to a short run, and the inherited keys left to INIT_FROM's checkpoint unless argv names them."""
-    for key in ("block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
+    positive = ("block_size", "n_layer", "n_head", "n_embd", "max_steps", "batch_size", "grad_accum_steps",
                 "learning_rate", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach"):
-        if cfg[key] <= 0:
-            raise UserError(f"--{key} must be positive, not {cfg[key]}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval", "sample_chars",
-                "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key} must not be negative, not {cfg[key]}")
+                "tokenizer_stories", "holdout_every", "adam_eps", "shift_reach")
+    non_negative = ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_chars", "sample_interval",
+                    "sample_chars", "temperature", "top_k", "mlp_hidden", "bigram", "bigram_lr")
+    for key in (*positive, *non_negative):  # the positive ones first
+        if cfg[key] < 0 or (cfg[key] == 0 and key in positive):
+            raise UserError(f"--{key} must {'be positive' if key in positive else 'not be negative'}, not {cfg[key]}")
     if not 0 <= cfg["cooldown"] <= 1:
         raise UserError(f"--cooldown is a fraction of the run, from 0 to 1, not {cfg['cooldown']}")
     if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["beta1"] < 1 or not 0 <= cfg["beta2"] < 1:
@@ -184,11 +183,10 @@ def _convert(key, value, default):
     """value (a string) as the type of the setting's default."""
     kind = type(default)
     if kind is bool:
-        if value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise UserError(f"--{key} takes True or False, not {value!r}")
+        answers = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+        if value.lower() not in answers:
+            raise UserError(f"--{key} takes True or False, not {value!r}")
+        return answers[value.lower()]
     if kind is str:
         return value
     try:

@@ -1,12 +1,14 @@
 """Which device a run takes, and how it computes there: the compute dtype and its matrix-product
-rate (MFU's yardstick), deterministic kernels, and a torchrun process's GPU. train.py, sample.py
-and bench.py share them."""
+rate (MFU's yardstick), deterministic kernels, a torchrun process's GPU and its process group.
+train.py, sample.py and bench.py share them."""
 
 import os
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from config import UserError
 
@@ -96,3 +98,19 @@ def rank_device(name, local_rank, local_ranks, gpus):
                         f"{'' if gpus == 1 else 's'}: one process per GPU, so --nproc_per_node={gpus} at most; "
                         "--device=cpu runs the processes on the CPU")
     return torch.device("cuda", local_rank)
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). Under torchrun: one process per device, nccl between GPUs and
+    gloo between CPU processes; the other ranks print nothing. A plain run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(cfg["device"])
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = rank_device(cfg["device"], local_rank, local_ranks, torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device

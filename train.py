@@ -7,9 +7,9 @@ Every setting is a constant in config.py and can be overridden for one run as --
 A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current step,
 saves a checkpoint and exits; the same command then continues exactly where it stopped.
 
-The file reads top to bottom: the settings, the pieces of a run (learning rate, evaluation, sampling), then
-the run itself: start or resume, the loop, the report. The data pipeline is data.py, the model model.py, its
-optimizers optim.py, the device device.py, checkpoints checkpoint.py, the metrics and loss picture metrics.py.
+The file reads top to bottom: the pieces of a run (learning rate, evaluation, sampling), then the run: start or
+resume, the loop, the report. Data is data.py, the model model.py, its optimizers optim.py, the device device.py,
+checkpoints checkpoint.py, the metrics and loss picture metrics.py.
 """
 
 import bisect
@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 # Before torch loads OpenMP and MKL, which read these once. Left dynamic, they give a matrix product fewer threads
@@ -37,11 +37,9 @@ import data
 import optim
 from metrics import Metrics, plot_losses
 from config import UserError
-from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, pick_device, rank_device
+from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, setup_distributed
 from model import GPT, GPTConfig, grow_vocabulary, pair_index
 from tokenizer import EOS, build_tokenizer, load_tokenizer
-
-# ----------------------------------------------------------------------------- settings
 
 READS = ("data", "model", "training", "evaluation and progress", "checkpoints", "PROMPT", "TEMPERATURE", "TOP_K",
          "every command")  # for --help
@@ -52,22 +50,6 @@ def settings(argv):
     cfg = config.load(argv, __doc__, READS)
     config.check(cfg, argv, inherited=(*checkpoint.MODEL_KEYS, "tokenizer", "vocab_size"))  # INIT_FROM's shape
     return cfg
-
-
-def setup_distributed(cfg):
-    """(rank, world_size, device). Under torchrun: one process per device, nccl between GPUs and
-    gloo between CPU processes; the other ranks print nothing. A plain run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(cfg["device"])
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = rank_device(cfg["device"], local_rank, local_ranks, torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return rank, world_size, device
 
 
 # ----------------------------------------------------------------------------- the pieces of a run
@@ -105,14 +87,16 @@ def evaluate(model, batches, counts, device, autocast):
     return (total[0] / total[1]).item(), (total[0] / total[2]).item() / math.log(2)
 
 
-def sample(model, prompt, tokenizer, cfg, device, step):
-    """A short continuation of PROMPT (prompt: its ids) to watch a run learn, drawn with a generator of its own
-    seeded by the step: the run's random numbers stay untouched, and a resumed run draws the unbroken one's."""
+def sample(model, prompt, tokenizer, cfg, device, step, metrics):
+    """Print and log a short continuation of PROMPT (prompt: its ids) to watch a run learn, drawn with a generator of
+    its own seeded by the step: the run's random numbers stay untouched, and a resumed run draws the unbroken one's."""
     model.eval()
     out = model.generate(torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
                          cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
     model.train()
-    return cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
+    text = cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
+    print("sample: " + text.replace("\n", "\n        "))
+    metrics.log(step=step, sample=text)
 
 
 def format_time(seconds):
@@ -140,27 +124,23 @@ def main(argv):
 def run(cfg, rank, world_size, device):
     """Start or resume, train to MAX_STEPS and report; with EVAL_ONLY, evaluate only. The steps keep the order
     of the random draws (the seed, the weights, the optimizer, the data), so that a run repeats exactly."""
-    out_dir = Path(cfg["out_dir"])
-    path, state, tokenizer, source, texts = start(cfg, world_size, out_dir)
+    path, state, tokenizer, source, texts = start(cfg, world_size)
     model = make_model(cfg, rank, tokenizer, None if state or source else texts, device)
-    val_batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
-    char_lengths = torch.tensor(tokenizer.char_lengths)
-    val_counts = tuple(map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in val_batches))))
-    print(f"validation: {about}, {val_counts[1]:,} characters"
-          f"{f' in {val_counts[0]:,} tokens' * (tokenizer.unit == 'token')}{' on this rank' * (world_size > 1)}")
+    val_batches, val_counts, held_out = validation(cfg, tokenizer, rank, world_size)
+    autocast, unit, char_lengths = autocast_for(device), tokenizer.unit, torch.tensor(tokenizer.char_lengths)
     if cfg["eval_only"]:
         model.load_state_dict(state["model"])
-        val_loss, val_bpc = evaluate(model, val_batches, val_counts, device, autocast_for(device))
+        val_loss, val_bpc = evaluate(model, val_batches, val_counts, device, autocast)
         print(f"val_loss={val_loss:.4f} val_bpc={val_bpc:.4f} val_chars={val_counts[1]} val_tokens={val_counts[0]}")
         return
     optimizer = new_optimizer(model, cfg, device)
     batches = data.training_batches(cfg, tokenizer, held_out, rank, world_size)
-    step = restore(cfg, rank, model, optimizer, batches, device, path, state, source)
+    step = first_step = restore(cfg, rank, model, optimizer, batches, device, path, state, source)
     if step >= cfg["max_steps"]:
         print(f"already trained to step {step} of --max_steps={cfg['max_steps']}: raise --max_steps to train longer")
         return
-    metrics = Metrics(out_dir, step, cfg, state and state.get("wandb_id")) if rank == 0 else None
-    accum = cfg["grad_accum_steps"]
+    metrics = Metrics(Path(cfg["out_dir"]), step, cfg, state and state.get("wandb_id")) if rank == 0 else None
+    accum, starts = cfg["grad_accum_steps"], stage_starts(cfg)
     chars_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
     print(f"model: {model.num_params():,} parameters, vocabulary {tokenizer.vocab_size} ({tokenizer.kind}), "
           f"device {device}; global batch {cfg['batch_size'] * accum * world_size} windows = {cfg['batch_size']} x "
@@ -168,82 +148,88 @@ def run(cfg, rank, world_size, device):
     train_model = torch.compile(model) if cfg["compile"] and device.type != "mps" else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    stop = []  # the signal that asked to stop, once one has
-
-    def on_signal(signum, frame):  # the first lets the step finish and be saved; a second quits at once
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    first_step, started = step, time.time()
-    try:
-        step, train_time, val_loss, val_bpc, saved = train(cfg, rank, device, model, train_model, optimizer, batches,
-                                                           step, tokenizer, (val_batches, val_counts), metrics,
-                                                           stop, chars_per_step, started)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        batches.close()
-        if metrics:
-            metrics.close()
-    unknown = tokenizer.unknown_report()
-    if unknown:
+    prompt = tokenizer.encode(cfg["prompt"]) if cfg["sample_interval"] else None  # once: unknowns counted once
+    started = log_time = time.time()
+    log_step, train_time, val_loss, val_bpc, saved = step, 0.0, None, None, None
+    with closing(metrics) if metrics else nullcontext(), closing(batches), stopping() as stop:
+        while step < cfg["max_steps"]:
+            stage = bisect.bisect_right(starts, step) - 1
+            if step == starts[stage] and step > 0:  # same weights, fresh AdamW moments and a restarted schedule
+                optimizer = new_optimizer(model, cfg, device)
+                print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
+            lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
+            loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths)
+            step += 1
+            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+                now = time.time()
+                train_time += now - log_time
+                rate = chars_per_step * (step - log_step) / (now - log_time)
+                eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
+                staged = {"stage": stage + 1} if len(starts) > 1 else {}  # shown only when there are stages
+                print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
+                      f"| loss {loss:.4f} | {bpc:.4f} bits/char | lr {lr:.2e} | {rate:,.0f} {unit}/s "
+                      f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
+                if metrics:
+                    metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
+                                elapsed_s=now - started)
+                log_step, log_time = step, time.time()
+            paused = time.time()  # sampling and evaluation are not training time
+            if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
+                sample(model, prompt, tokenizer, cfg, device, step, metrics)
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
+                val_loss, val_bpc = evaluate(model, val_batches, val_counts, device, autocast)
+                print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
+                if metrics:
+                    metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_counts[1],
+                                val_tokens=val_counts[0])
+            log_time += time.time() - paused
+            if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
+                state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
+                                           metrics and metrics.wandb_id)
+                if rank == 0:
+                    saved = checkpoint.save(state, Path(cfg["out_dir"]), cfg["keep_checkpoints"])
+            if stop:
+                break
+    if unknown := tokenizer.unknown_report():
         print(f"note: {unknown}")
     if stop:
         print(f"stopped at step {step}, saved {saved}; run the same command again to resume")
         return
-    if world_size > 1:
-        check_replicas(model)
     report(model, device, world_size, chars_per_step * (step - first_step) / train_time,
-           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, val_bpc, tokenizer.unit,
-           saved)
-    plot_losses(out_dir, chars_per_step)
+           f"{step - first_step} steps in {format_time(time.time() - started)}", val_loss, val_bpc, unit, saved)
+    plot_losses(Path(cfg["out_dir"]), chars_per_step)
 
 
-def start(cfg, world_size, out_dir):
-    """(path, state, tokenizer, source, texts): the checkpoint to resume (or evaluate) and its tokenizer; else the
-    first training stories (texts), INIT_FROM's (path, state) if any (source), and a tokenizer for them."""
-    if cfg["eval_only"] and cfg["checkpoint"]:
-        path, state = cfg["checkpoint"], checkpoint.load(cfg["checkpoint"])
-    else:
-        path, state = (checkpoint.load_newest(out_dir) if cfg["resume"] or cfg["eval_only"] else None) or (None, None)
-    if state and cfg["init_from"] and not cfg["eval_only"]:
-        started_from = state["config"].get("init_from")  # only a run started from the same INIT_FROM goes on
-        if not started_from or Path(started_from).resolve() != Path(cfg["init_from"]).resolve():
-            raise UserError(f"{path} is a run of its own, and --init_from={cfg['init_from']} asks for a new one: "
-                            f"pass --resume=False to start afresh from {cfg['init_from']} (removing the checkpoints "
-                            f"in {out_dir}), or drop --init_from to resume {path}")
-        checkpoint.inherit(cfg, state, path)
+def start(cfg, world_size):
+    """(path, state, tokenizer, source, texts): the checkpoint to resume or evaluate and its tokenizer; else the
+    first training stories (texts), INIT_FROM's (path, state) if any (source), and a tokenizer for them: INIT_FROM's
+    with the characters of texts it lacks added (BPE covers all), or a new one."""
+    path, state = checkpoint.to_resume(cfg, world_size)
     if state:
-        if cfg["eval_only"]:  # a checkpoint is evaluated as it is, whatever shape the config gives
-            cfg.update(checkpoint.model_settings(state))
-        else:
-            checkpoint.check_resumable(state, path, cfg, world_size)
         return path, state, load_tokenizer(state["tokenizer"]), None, None
-    if cfg["eval_only"]:
-        raise UserError(f"no checkpoint to evaluate in {out_dir}: train one with python train.py first")
-    source = checkpoint.load_source(cfg["init_from"]) if cfg["init_from"] else None
-    if source:
-        checkpoint.inherit(cfg, source[1], source[0])
+    source = checkpoint.load_source(cfg) if cfg["init_from"] else None
     texts = data.vocabulary_stories(cfg["dataset"], cfg["tokenizer_stories"])
-    if source:
-        return None, None, grown_tokenizer(*source, texts), source, texts
-    return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"]), None, texts
-
-
-def grown_tokenizer(path, state, texts):
-    """The tokenizer of the checkpoint state at path, the characters of texts it lacks added (BPE covers all)."""
-    tokenizer = load_tokenizer(state["tokenizer"])
+    if not source:
+        return None, None, build_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"]), None, texts
+    tokenizer = load_tokenizer(source[1]["tokenizer"])
     if tokenizer.kind == "bpe":
-        print(f"vocabulary: the {tokenizer.vocab_size} BPE ids of {path}, as byte-level BPE covers every text")
-        return tokenizer
+        print(f"vocabulary: the {tokenizer.vocab_size} BPE ids of {source[0]}, as byte-level BPE covers every text")
+        return None, None, tokenizer, source, texts
     grown = tokenizer.grown(texts)
     added = grown.chars[len(tokenizer.chars):]
-    print(f"vocabulary: {len(added)} characters of the data added to the {tokenizer.vocab_size} ids of {path}"
+    print(f"vocabulary: {len(added)} characters of the data added to the {tokenizer.vocab_size} ids of {source[0]}"
           f"{f': {added!r}' if added else ''}")
-    return grown
+    return None, None, grown, source, texts
+
+
+def validation(cfg, tokenizer, rank, world_size):
+    """(batches, the (tokens, characters) of their targets, the training stories held out to make them), described."""
+    batches, held_out, about = data.validation_batches(cfg, tokenizer, rank, world_size)
+    char_lengths = torch.tensor(tokenizer.char_lengths)
+    counts = tuple(map(sum, zip(*(data.target_counts(y, char_lengths) for _, y in batches))))
+    print(f"validation: {about}, {counts[1]:,} characters"
+          f"{f' in {counts[0]:,} tokens' * (tokenizer.unit == 'token')}{' on this rank' * (world_size > 1)}")
+    return batches, counts, held_out
 
 
 def make_model(cfg, rank, tokenizer, texts, device):
@@ -280,57 +266,24 @@ def restore(cfg, rank, model, optimizer, batches, device, path, state, source):
     return 0
 
 
-def train(cfg, rank, device, model, train_model, optimizer, batches, step, tokenizer, val, metrics, stop,
-          chars_per_step, started):
-    """Train from step to MAX_STEPS, or until stop, logging, sampling, evaluating and saving on the way: (the
-    step reached, the training time, the last validation loss and bpc, the last checkpoint saved)."""
-    starts, unit, autocast = stage_starts(cfg), tokenizer.unit, autocast_for(device)  # bf16 on CUDA where it can
-    (val_batches, (val_tokens, val_chars)), char_lengths = val, torch.tensor(tokenizer.char_lengths)
-    prompt = tokenizer.encode(cfg["prompt"]) if cfg["sample_interval"] else None  # once: unknowns counted once
-    first_step, log_step, log_time, train_time = step, step, started, 0.0
-    val_loss = val_bpc = saved = None
-    while step < cfg["max_steps"]:
-        stage = bisect.bisect_right(starts, step) - 1
-        if step == starts[stage] and step > 0:  # same weights, fresh AdamW moments and a restarted schedule
-            optimizer = new_optimizer(model, cfg, device)
-            print(f"stage {stage + 1}/{len(starts)} begins at step {step}: fresh optimizer, schedule restarted")
-        lr = learning_rate(step - starts[stage], cfg["stages"][stage], cfg)
-        loss, bpc = train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths)
-        step += 1
-        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-            now = time.time()
-            train_time += now - log_time
-            rate = chars_per_step * (step - log_step) / (now - log_time)
-            eta = train_time / (step - first_step) * (cfg["max_steps"] - step)
-            staged = {"stage": stage + 1} if len(starts) > 1 else {}  # shown only when there are stages
-            print(f"{f'stage {stage + 1}/{len(starts)} | ' if staged else ''}step {step}/{cfg['max_steps']} "
-                  f"| loss {loss:.4f} | {bpc:.4f} bits/char | lr {lr:.2e} | {rate:,.0f} {unit}/s "
-                  f"| {format_time(now - started)} elapsed | ETA {format_time(eta)}")
-            if metrics:
-                metrics.log(step=step, **staged, loss=loss, bpc=bpc, lr=lr, tokens_per_sec=rate,
-                            elapsed_s=now - started)
-            log_step, log_time = step, time.time()
-        if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
-            sampling_started = time.time()
-            text = sample(model, prompt, tokenizer, cfg, device, step)
-            print("sample: " + text.replace("\n", "\n        "))
-            metrics.log(step=step, sample=text)
-            log_time += time.time() - sampling_started  # sampling is not training time
-        if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
-            eval_started = time.time()
-            val_loss, val_bpc = evaluate(model, val_batches, (val_tokens, val_chars), device, autocast)
-            print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")
-            if metrics:
-                metrics.log(step=step, val_loss=val_loss, val_bpc=val_bpc, val_chars=val_chars, val_tokens=val_tokens)
-            log_time += time.time() - eval_started  # nor is evaluation
-        if step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"] or stop:
-            state = checkpoint.capture(step, starts, model, optimizer, tokenizer, cfg, batches, device,
-                                       metrics and metrics.wandb_id)
-            if rank == 0:
-                saved = checkpoint.save(state, Path(cfg["out_dir"]), cfg["keep_checkpoints"])
+@contextmanager
+def stopping():
+    """The signal that asked the run to stop, once one has: the first SIGINT or SIGTERM lets the step finish and be
+    saved, a second quits at once. Their handlers are put back on leaving."""
+    stop = []
+
+    def on_signal(signum, frame):
         if stop:
-            break
-    return step, train_time, val_loss, val_bpc, saved
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop, step, char_lengths):
@@ -369,7 +322,16 @@ def train_step(train_model, optimizer, batches, lr, cfg, device, autocast, stop,
 
 
 def report(model, device, world_size, rate, steps, val_loss, val_bpc, unit, saved):
-    """The final lines: speed, validation loss, and MFU against the measured matrix-product rate."""
+    """The final lines: the ranks' weights compared (DDP should never let them drift apart), speed, validation loss,
+    and MFU against the measured matrix-product rate."""
+    if world_size > 1:
+        weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        lowest, highest = weights.clone(), weights.clone()
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        if not torch.equal(lowest, highest):
+            raise RuntimeError("the ranks' weights differ after training")
+        print(f"weights identical on all {world_size} ranks")
     print(f"done: {steps}, {rate:,.0f} {unit}/s in training; "
           f"val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char); saved {saved}")
     flops, dtype = model.flops_per_char(), compute_dtype(device)  # the rate of the dtype it computed in
@@ -377,17 +339,6 @@ def report(model, device, world_size, rate, steps, val_loss, val_bpc, unit, save
     print(f"model: {flops / 1e6:.2f} MFLOP per {unit}; MFU {rate * flops / peak / world_size:.0%} of "
           f"{'each process' if world_size > 1 else 'this machine'}'s {peak / 1e9:,.0f} GFLOP/s "
           f"{str(dtype).removeprefix('torch.')} matrix-product rate")
-
-
-def check_replicas(model):
-    """Fail loudly if the ranks' weights have drifted apart, which DDP should never allow."""
-    weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    lowest, highest = weights.clone(), weights.clone()
-    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
-    if not torch.equal(lowest, highest):
-        raise RuntimeError("the ranks' weights differ after training")
-    print(f"weights identical on all {dist.get_world_size()} ranks")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,12 @@ TEMPERATURE = 0.8  # below 1 is safer, above 1 is wilder; 0 is greedy
 TOP_K = 20  # sample among the k likeliest characters only; 0 means all
 IGNORE_EOS = False  # keep going past the end-of-story token
 
+# --- explain ---
+TEXT = ""  # explain.py: the text to explain; not given: story STORY of DATASET's validation split, or with --prompt the model's own story
+STORY = 0  # explain.py: which story of the validation split to explain (0: the first)
+OUT = "explain.html"  # explain.py: the page to write
+PNG = ""  # explain.py: a folder to write the page's pictures to as PNG files too (needs matplotlib); empty: none
+
 # --- every command ---
 DEBUG = False  # show the full traceback instead of a one-line error
 

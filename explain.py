@@ -19,12 +19,10 @@ block_size // 2 characters (GPT.generate).
 
 import base64
 import codecs
-import difflib
 import json
 import math
 import os
 import sys
-import textwrap
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -41,51 +39,11 @@ from model import PAIR_HASH
 from sample import PRETRAINED, load_model
 from tokenizer import EOS, UNK, byte_symbols
 
-READS = ("CHECKPOINT", "OUT_DIR", "DEVICE", "DATASET", "PROMPT", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "SEED",
-         "every command")  # config.py's settings that explain.py reads, for --help
-# explain.py's own settings, which config.py does not hold: (default, what it does).
-OWN = {"text": ("", "the text to explain; without it, story --story of --dataset's validation split, or with "
-                    "--prompt the model's own continuation of the prompt (--prompt is also the samples' prompt)"),
-       "story": (0, "which story of the validation split to explain (0: the first)"),
-       "out": ("explain.html", "the page to write"),
-       "png": ("", "a folder to write the page's pictures to as PNG files too (needs matplotlib); empty: none")}
+READS = ("explain", "CHECKPOINT", "OUT_DIR", "DEVICE", "DATASET", "PROMPT", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K",
+         "SEED", "every command")  # config.py's settings that explain.py reads, for --help
 TEMPERATURES = (0.5, 1.0, 1.5)  # the samples' temperatures, and greedy
 TOP = 5  # the likeliest next characters shown for each position
 TEMPLATE = Path(__file__).parent / "explain_page.html"
-
-
-def own_settings(argv):
-    """(explain.py's own settings given in argv, the rest of argv for config.load): --key=value or --key value."""
-    own, rest, i = {}, [], 0
-    settings = [*OWN, *(name.lower() for name in vars(config) if name.isupper())]
-    while i < len(argv):
-        key, eq, value = argv[i][2:].partition("=")
-        key = key.replace("-", "_").lower()
-        if not argv[i].startswith("--") or key not in OWN:
-            if argv[i].startswith("--") and key not in settings and difflib.get_close_matches(key, OWN, n=1):
-                # config.load would name the closest of its own settings only
-                close = difflib.get_close_matches(key, settings, n=1)[0]
-                raise UserError(f"unknown setting --{key}; did you mean --{close}?")
-            rest.append(argv[i])
-        else:
-            if not eq:
-                if i + 1 == len(argv):
-                    raise UserError(f"--{key} needs a value, as in --{key}=VALUE")
-                i, value = i + 1, argv[i + 1]
-            if isinstance(OWN[key][0], int) and not value.isdigit():
-                raise UserError(f"--{key} takes a whole number of 0 or more, not {value!r}")
-            own[key] = int(value) if isinstance(OWN[key][0], int) else value
-        i += 1
-    return own, rest
-
-
-def usage():
-    """config.py's help for the settings explain.py reads, then explain.py's own."""
-    lines = [config.usage(__doc__, READS), "\nexplain.py's own:"]
-    for key, (default, note) in OWN.items():
-        flag = f"  --{key}={default if default != '' else chr(34) * 2}"
-        lines.append(textwrap.fill(note, 110, initial_indent=f"{flag:<31} ", subsequent_indent=" " * 32))
-    return "\n".join(lines)
 
 
 def story(cfg, n):
@@ -305,19 +263,16 @@ def write_pngs(folder, model, tokenizer, views, tabs):
 
 
 def main(argv):
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        raise SystemExit(0)
-    given, rest = own_settings(argv)
-    own = {key: default for key, (default, _) in OWN.items()} | given
-    cfg = config.load(rest, __doc__, READS)
-    prompted = any(arg.partition("=")[0] == "--prompt" for arg in rest)
-    if "text" in given and prompted:
+    cfg = config.load(argv, __doc__, READS)
+    named = {arg.partition("=")[0] for arg in argv}  # the settings given, not left at their defaults
+    if "--text" in named and "--prompt" in named:
         raise UserError("--text and --prompt both give the text: --text explains a text, --prompt the model's own "
                         "continuation of one")
+    if cfg["story"] < 0:
+        raise UserError(f"--story takes a whole number of 0 or more, not {cfg['story']}")
     if cfg["temperature"] < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more, not {cfg['temperature']}")
-    if own["png"]:
+    if cfg["png"]:
         need_matplotlib()  # before the work, not after it
     device = pick_device(cfg["device"])
     if device.type == "cpu":
@@ -326,15 +281,15 @@ def main(argv):
     if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:
         raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size}, or 0 for all")
 
-    if "text" in given:
-        text, about = own["text"], {"source": "the text given with --text"}
-    elif prompted:
+    if "--text" in named:
+        text, about = cfg["text"], {"source": "the text given with --text"}
+    elif "--prompt" in named:
         text = cfg["prompt"] + sample(model, tokenizer, cfg["prompt"], cfg, cfg["temperature"])
         about = {"source": f"the model's own story from the prompt {cfg['prompt']!r} (temperature "
                            f"{cfg['temperature']}, top-k {cfg['top_k']}, seed {cfg['seed']})"}
     else:
-        text = story(cfg, own["story"])
-        about = {"source": f"story {own['story']} of the validation split of {cfg['dataset']}"}
+        text = story(cfg, cfg["story"])
+        about = {"source": f"story {cfg['story']} of the validation split of {cfg['dataset']}"}
     if not text:
         raise UserError("the text is empty: there is nothing to explain; give one with --text=...")
     ids = [EOS] + tokenizer.encode(text)  # a story starts after an end-of-story token, as in training
@@ -347,15 +302,15 @@ def main(argv):
     samples = [[f"temperature {t}" if t else "greedy", prompt, sample(model, tokenizer, prompt, cfg, t)]
                for t in (*TEMPERATURES, 0)]
     html = page(model, tokenizer, text, ids, views, tabs, samples, about)
-    out = Path(own["out"])
+    out = Path(cfg["out"])
     try:
         out.write_text(html, encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e}): choose another --out") from e
     bits = float(views["loss"].sum()) / math.log(2) / len(text)
     print(f"wrote {out}: {len(text):,} characters at {bits:.4f} bits/char, {len(html.encode()) / 1e6:.2f} MB")
-    if own["png"]:
-        for path in write_pngs(own["png"], model, tokenizer, views, tabs):
+    if cfg["png"]:
+        for path in write_pngs(cfg["png"], model, tokenizer, views, tabs):
             print(f"wrote {path}")
 
 

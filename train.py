@@ -3,13 +3,9 @@
     python train.py                                      # the tinystories/ slice: the speedrun's recipe
     python train.py --dataset=roneneldan/TinyStories     # the full dataset, streamed from the hub
 
-Every setting is a constant in config.py and can be overridden for one run as --key=value.
-A run resumes from the newest checkpoint in OUT_DIR. Ctrl-C finishes the current step,
-saves a checkpoint and exits; the same command then continues exactly where it stopped.
-
-The file reads top to bottom: the pieces of a run (learning rate, evaluation, sampling), then the run: start or
-resume, the loop, the report. Data is data.py, the model model.py, its optimizers optim.py, the device device.py,
-checkpoints checkpoint.py, the metrics and loss picture metrics.py.
+Every setting is a constant in config.py, overridden for one run as --key=value. A run resumes from the newest
+checkpoint in OUT_DIR; Ctrl-C finishes the step, saves a checkpoint and exits, and the same command goes on
+exactly. The file reads top to bottom: the pieces of a run, then the run (start or resume, the loop, the report).
 """
 
 import bisect

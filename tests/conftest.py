@@ -53,7 +53,7 @@ def stories_dir(tmp_path_factory):
     return write_hub_layout(tmp_path_factory.mktemp("tinystories"))
 
 
-# For tests of what only a CUDA device runs (CUDA graphs): skipped where there is none.
+# For tests of what only a CUDA device runs: skipped where there is none.
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -140,7 +140,7 @@ def test_the_context_slides_as_sampling_slides_it_starting_again_from_the_last_h
 
 
 def test_a_greedy_story_is_the_pages_likeliest_character_at_every_step_as_generate_reads_the_context(tmp_path):
-    # generate.py slides the context with its cache; the page, with windows of model.py's forward: if the
+    # GPT.generate slides the context with its cache; the page, with windows of model.py's forward: if the
     # two read the same characters, greedy decoding drew the page's likeliest character every time.
     _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--prompt=Once upon a time", "--temperature=0",
                          "--max_new_tokens=400")

@@ -9,6 +9,7 @@ override any constant for one run from the command line, in lower case:
 import difflib
 import os
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -104,6 +105,20 @@ DEBUG = False  # show the full traceback instead of a one-line error
 
 class UserError(Exception):
     """A problem the user can fix: the scripts print it as one line, without a traceback."""
+
+
+def command(main):
+    """Run main(sys.argv[1:]) as the scripts do: a UserError ends it as one line on stderr and exit code 2
+    (--debug shows the traceback); an interrupt that main lets through, with exit code 130."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def load(argv, doc=None, reads=()):

@@ -339,12 +339,4 @@ def report(model, device, world_size, rate, steps, val_loss, val_bpc, unit, save
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a pipe (tee, a log, a test) as printed
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        if "--debug" in sys.argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    config.command(main)

@@ -194,10 +194,18 @@ def mix(x, shares, gate=None, cache=None, key=None):
         return x
     if cache is None:
         out = Mix.apply(x, *shares)
-    else:
+    else:  # sampling: no gradient wanted, so not through autograd.Function, whose call costs as much again
         T = x.size(1)
-        out = Mix.apply(cache.extend(key, x, 1)[:, -(T + len(shares)):], *shares)[:, -T:]
+        out = shifted(cache.extend(key, x, 1)[:, -(T + len(shares)):], shares)[:, -T:]
     return out if gate is None else x + 2 * torch.sigmoid(gate(x)) * (out - x)
+
+
+def shifted(x, shares):
+    """x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, each added into a slice in place."""
+    out = x.clone()
+    for k, share in enumerate(shares, 1):
+        out[:, k:].addcmul_(x[:, :-k], share)
+    return out
 
 
 class Mix(torch.autograd.Function):
@@ -208,10 +216,7 @@ class Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *shares):
         ctx.save_for_backward(x, *shares)
-        out = x.clone()
-        for k, share in enumerate(shares, 1):
-            out[:, k:].addcmul_(x[:, :-k], share)
-        return out
+        return shifted(x, shares)
 
     @staticmethod
     def backward(ctx, grad):

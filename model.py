@@ -55,11 +55,12 @@ class KVCache:
     def __init__(self):
         self.pos, self.kept = 0, {}
 
-    def extend(self, key, new, dim):
-        """What is kept under key with new after it along dim, kept in its place."""
+    def extend(self, key, new, dim, keep=0):
+        """What is kept under key with new after it along dim; kept in its place: all of it, or its last keep."""
         if key in self.kept:
             new = torch.cat((self.kept[key], new), dim)
-        self.kept[key] = new
+        n = new.size(dim)
+        self.kept[key] = new.narrow(dim, max(n - keep, 0), min(n, keep)) if keep else new
         return new
 
 
@@ -104,7 +105,7 @@ class CausalSelfAttention(nn.Module):
             start = 0 if cache is None else cache.pos
             q, k = self.rotary(q, start), self.rotary(k, start)
         if self.key_offset:  # a query can then find the position after a match: induction in one layer
-            k = offset_keys(k) if cache is None else offset_keys(cache.extend((self, "key"), k, 2))[:, :, -T:]
+            k = offset_keys(k) if cache is None else offset_keys(cache.extend((self, "key"), k, 2, keep=1))[:, :, -T:]
         if cache is not None:  # after the keys and values of the positions before
             k, v = cache.extend((self, "k"), k, 2), cache.extend((self, "v"), v, 2)
         if trace is None:
@@ -189,14 +190,14 @@ def mix(x, shares, gate=None, cache=None, key=None):
     """token_shift: x (B, T, C) plus shares[k - 1] (C) times x moved k positions later, for each k; with
     gate (shift_gate's projection) what the shares add is scaled at each position by 2 sigmoid(gate(x)),
     so that a character can take more or less of those before it. cache keeps, under key, the inputs
-    of the positions before x's: Mix reads the last len(shares) of them (none before position 0)."""
+    of the len(shares) positions before x's (fewer, or none, near position 0)."""
     if not shares:
         return x
     if cache is None:
         out = Mix.apply(x, *shares)
     else:  # sampling: no gradient wanted, so not through autograd.Function, whose call costs as much again
         T = x.size(1)
-        out = shifted(cache.extend(key, x, 1)[:, -(T + len(shares)):], shares)[:, -T:]
+        out = shifted(cache.extend(key, x, 1, keep=len(shares)), shares)[:, -T:]
     return out if gate is None else x + 2 * torch.sigmoid(gate(x)) * (out - x)
 
 
@@ -327,7 +328,7 @@ class GPT(nn.Module):
                 trace["terms"]["shift"] = shifted - x
         x = shifted
         if self.config.bigram:
-            ids = idx if cache is None else cache.extend(self.bigram, idx, 1)  # the ids before idx's first too
+            ids = idx if cache is None else cache.extend(self.bigram, idx, 1, keep=1)  # and the id before idx's first
             rows = self.bigram(pair_rows(ids, self.pair_index)[:, -T:])
             if trace is not None:
                 trace["terms"]["bigram"] = rows

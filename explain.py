@@ -1,7 +1,7 @@
 """Explain a checkpoint on one text: a single HTML page that shows the model at work on it.
 
     python explain.py                                      # the shipped model on a validation story
-    python explain.py --text "Tom saw a big dog. Tom said, \"Hi!\""
+    python explain.py --text 'Tom saw a big dog. Tom said, "Hi!"'
     python explain.py --prompt "Lily found a" --out lily.html   # the model's own story, then explained
     python explain.py --png pictures                       # the pictures as PNG files too (matplotlib)
 

@@ -108,8 +108,10 @@ def save(state, out_dir, keep):
         os.replace(tmp, path)
         if os.name != "nt":  # make the rename itself durable (Windows cannot open a folder to flush it)
             folder = os.open(out_dir, os.O_RDONLY)
-            os.fsync(folder)
-            os.close(folder)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         found, fix = paths(out_dir), FIXES.get(e.errno, "fix that").format(out_dir)

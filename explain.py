@@ -35,7 +35,7 @@ import config
 import data
 from config import UserError
 from device import pick_device
-from model import PAIR_HASH
+from model import pair_index
 from sample import PRETRAINED, load_model
 from tokenizer import EOS, UNK, byte_symbols
 
@@ -159,7 +159,7 @@ def tables(model, tokenizer):
     if model.config.bigram:
         rows, index = model.bigram.weight.float().cpu().norm(dim=1), model.pair_index.long().cpu()
         V = index.size(1)
-        hashed = (torch.arange(V + 1).view(-1, 1) * PAIR_HASH + torch.arange(V)) % model.config.bigram
+        hashed = pair_index(V, model.config.bigram)  # each pair's row where no count gave it one of its own
         out["bigram"] = []
         for r in rows.argsort(descending=True)[:16].tolist():
             pairs = [(a - 1, b) for a, b in (index == r).nonzero().tolist()]  # a previous -1: a window's start

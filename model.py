@@ -65,23 +65,25 @@ class KVCache:
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings (Su et al., RoFormer): each pair of channels of a query or key
-    is turned by an angle proportional to its position, so q . k depends on their distance."""
+    """Rotary position embeddings (Su et al., RoFormer): each pair of channels (i, i + head_dim / 2)
+    of a query or key is turned by an angle proportional to its position, so q . k depends on their
+    distance."""
 
     def __init__(self, head_dim, block_size, base=10000.0):
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, head_dim / 2)
-        # Not persistent: derived from the config, so checkpoints stay weights and moments only.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # The rotation as x * cos + (x's halves swapped) * sin, with sin's first half negated: two
+        # products of the whole head instead of four of its halves. Not persistent: derived from
+        # the config, so checkpoints stay weights and moments only.
+        self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)
+        self.register_buffer("sin", torch.cat((-angles.sin(), angles.sin()), 1), persistent=False)
 
     def forward(self, x, start):
         """x (..., T, head_dim) at positions start .. start + T - 1, rotated."""
         T, half = x.size(-2), x.size(-1) // 2
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos[start:start + T] + swapped * self.sin[start:start + T]
 
 
 class CausalSelfAttention(nn.Module):

@@ -7,7 +7,7 @@ from conftest import small_model
 import config
 import model
 from checkpoint import MODEL_KEYS
-from model import PAIR_HASH, GPT, CausalSelfAttention, GPTConfig, pair_index, pair_rows
+from model import PAIR_HASH, GPT, CausalSelfAttention, GPTConfig, Rotary, pair_index, pair_rows
 
 
 def test_default_model_has_the_reference_parameter_count():
@@ -92,6 +92,15 @@ def test_rotary_positions_replace_the_learned_position_table():
     assert "transformer.wpe.weight" not in model.state_dict()
     a, b = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[3, 1, 2, 4]])
     assert not torch.equal(model(a)[0], model(b)[0])  # the order of the characters still counts
+
+
+def test_rotary_turns_each_channel_pair_by_its_frequency_times_the_position():
+    head_dim, start, T = 8, 3, 5
+    x = torch.randn(2, 4, T, head_dim)
+    z = torch.complex(x[..., :head_dim // 2], x[..., head_dim // 2:])  # channels i and i + head_dim / 2 as one number
+    freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    turned = z * torch.polar(torch.ones(T, head_dim // 2), torch.outer(torch.arange(start, start + T).float(), freq))
+    torch.testing.assert_close(Rotary(head_dim, 16)(x, start), torch.cat((turned.real, turned.imag), -1))
 
 
 def test_swiglu_keeps_the_parameter_count_within_one_percent():

@@ -16,7 +16,8 @@ three that hand the one block what it cannot easily find through attention's ave
 - key offset (key_offset): the first half of each head's key channels are the previous
   position's, so a query can match the character before a position and read the one at it: an
   induction head in one layer.
-config.py's recipe turns them all on, token shift reaching two back (docs/speedrun.md says why).
+config.py's recipe turns them all on, token shift reaching two back, with rotary positions, the
+attention gate and a SwiGLU MLP (docs/speedrun.md says why).
 """
 
 import math

@@ -90,9 +90,9 @@ def test_a_checkpoint_of_another_model_shape_is_refused(stories_dir, tmp_path):
 
 
 def test_a_checkpoint_without_rotary_positions_is_refused_by_a_rope_config(stories_dir, tmp_path):
-    run(stories_dir, tmp_path, "--max_steps=2")
+    run(stories_dir, tmp_path, "--max_steps=2", "--rope=False")
     with pytest.raises(UserError, match="rope=False, the config asks for rope=True"):
-        run(stories_dir, tmp_path, "--max_steps=4", "--rope")
+        run(stories_dir, tmp_path, "--max_steps=4", "--rope=True")
 
 
 def test_a_model_with_every_switch_on_resumes(stories_dir, tmp_path):

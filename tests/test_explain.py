@@ -106,9 +106,23 @@ def test_the_attribution_bars_sum_to_the_logit_of_the_character_that_came(make):
 
 
 def test_the_attribution_has_a_bar_for_each_term_of_the_stream_and_the_biases(tmp_path):
-    _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom")
-    assert found["terms"] == ["token embedding", "position embedding", "token shift at the embedding", "bigram table",
+    _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom")  # rotary: no position embedding
+    assert found["terms"] == ["token embedding", "token shift at the embedding", "bigram table",
                               "head 0", "head 1", "head 2", "head 3", "MLP", "biases, ln_f's too"]
+
+
+@pytest.fixture(scope="module")
+def learned_positions_checkpoint(stories_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wpe")
+    train.main([f"--dataset={stories_dir}", f"--out_dir={out}", *TINY, "--rope=False", "--max_steps=2",
+                "--eval_interval=2"])
+    return checkpoint.paths(out)[0]
+
+
+def test_learned_positions_have_a_bar_and_a_table_of_their_own(tmp_path, learned_positions_checkpoint):
+    _, found = explained(tmp_path, f"--checkpoint={learned_positions_checkpoint}", "--text=Tom")
+    assert found["terms"][:2] == ["token embedding", "position embedding"]
+    assert found["positions"] is not None
 
 
 def test_the_pages_losses_are_the_plain_forwards_cross_entropy_in_the_same_window(tmp_path):
@@ -217,12 +231,12 @@ def test_png_without_matplotlib_is_a_one_line_error_naming_pip_install(tmp_path,
     assert not (tmp_path / "page.html").exists()  # refused before the work, not after it
 
 
-def test_png_writes_each_picture_of_the_page(tmp_path):
+def test_png_writes_each_picture_of_the_page(tmp_path, learned_positions_checkpoint):
     pytest.importorskip("matplotlib")
-    explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom saw a dog.", f"--png={tmp_path / 'pictures'}")
+    explained(tmp_path, f"--checkpoint={learned_positions_checkpoint}", "--text=Tom saw a dog.",
+              f"--png={tmp_path / 'pictures'}")
     written = sorted(p.name for p in (tmp_path / "pictures").iterdir())
-    assert written == ["attention_head_0.png", "attention_head_1.png", "attention_head_2.png", "attention_head_3.png",
-                       "embeddings.png", "positions.png"]
+    assert written == ["attention_head_0.png", "attention_head_1.png", "embeddings.png", "positions.png"]
     assert all((tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
 
 

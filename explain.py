@@ -36,7 +36,7 @@ import data
 from config import UserError
 from device import pick_device
 from model import pair_index
-from sample import PRETRAINED, load_model
+from sample import PRETRAINED, check_sampling, continuations, load_model
 from tokenizer import EOS, UNK, byte_symbols
 
 READS = ("explain", "CHECKPOINT", "OUT_DIR", "DEVICE", "DATASET", "PROMPT", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K",
@@ -66,16 +66,6 @@ def checkpoint_name(cfg):
     if checkpoint.paths(cfg["out_dir"]):
         return f"the newest intact checkpoint in {cfg['out_dir']}/"
     return os.path.relpath(PRETRAINED)
-
-
-def sample(model, tokenizer, prompt, cfg, temperature):
-    """prompt's continuation by model.generate, up to the end of the story (which is left out)."""
-    context = ([EOS] + tokenizer.encode(prompt))[-model.config.block_size:]  # a story starts after EOS
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    new = model.generate(torch.tensor([context], device=device), cfg["max_new_tokens"], temperature=temperature,
-                         top_k=cfg["top_k"], eos_id=EOS, generator=generator)[0]
-    return tokenizer.decode(new[:-1] if new and new[-1] == EOS else new)
 
 
 def pieces(tokenizer, text, ids):
@@ -270,21 +260,22 @@ def main(argv):
                         "continuation of one")
     if cfg["story"] < 0:
         raise UserError(f"--story takes a whole number of 0 or more, not {cfg['story']}")
-    if cfg["temperature"] < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, not {cfg['temperature']}")
     if cfg["png"]:
         need_matplotlib()  # before the work, not after it
     device = pick_device(cfg["device"])
     if device.type == "cpu":
         torch.set_num_threads(1)  # as sample.py: a window or a character is too little work to share out
     model, tokenizer = load_model(cfg, device)
-    if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:
-        raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size}, or 0 for all")
+    check_sampling(cfg, tokenizer.vocab_size)
+
+    def sample(prompt, temperature):  # to the end of the story
+        return continuations(model, tokenizer, tokenizer.encode(prompt), cfg["max_new_tokens"], temperature,
+                             cfg["top_k"], cfg["seed"])[0]
 
     if "--text" in named:
         text, about = cfg["text"], {"source": "the text given with --text"}
     elif "--prompt" in named:
-        text = cfg["prompt"] + sample(model, tokenizer, cfg["prompt"], cfg, cfg["temperature"])
+        text = cfg["prompt"] + sample(cfg["prompt"], cfg["temperature"])
         about = {"source": f"the model's own story from the prompt {cfg['prompt']!r} (temperature "
                            f"{cfg['temperature']}, top-k {cfg['top_k']}, seed {cfg['seed']})"}
     else:
@@ -299,7 +290,7 @@ def main(argv):
 
     views, tabs = analyse(model, ids), tables(model, tokenizer)
     prompt = cfg["prompt"]
-    samples = [[f"temperature {t}" if t else "greedy", prompt, sample(model, tokenizer, prompt, cfg, t)]
+    samples = [[f"temperature {t}" if t else "greedy", prompt, sample(prompt, t)]
                for t in (*TEMPERATURES, 0)]
     html = page(model, tokenizer, text, ids, views, tabs, samples, about)
     out = Path(cfg["out"])

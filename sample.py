@@ -46,41 +46,45 @@ def load_model(cfg, device):
     return model.to(device).eval(), load_tokenizer(state["tokenizer"])
 
 
-def main(argv):
-    cfg = config.load(argv, __doc__, READS)
+def check_sampling(cfg, vocab_size):
+    """Refuse a temperature or a top-k that no draw can use."""
     if cfg["temperature"] < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more, not {cfg['temperature']}")
+    if not 0 <= cfg["top_k"] <= vocab_size:
+        raise UserError(f"--top_k must be between 1 and the vocabulary size {vocab_size}, or 0 for all")
+
+
+def continuations(model, tokenizer, ids, max_new_tokens, temperature, top_k, seed, rows=1, stop=True):
+    """rows continuations, as text, of the story that begins with ids (it starts after an end-of-story token, as in
+    training), drawn by model.generate with a generator seeded by seed; with stop, each ends at the end of its
+    story, which is left out."""
+    idx = torch.tensor([[EOS] + ids] * rows, dtype=torch.long, device=next(model.parameters()).device)
+    outs = model.generate(idx, max_new_tokens, temperature, top_k, eos_id=EOS if stop else None,
+                          generator=torch.Generator().manual_seed(seed))
+    return [tokenizer.decode(out[:-1] if stop and out and out[-1] == EOS else out) for out in outs]
+
+
+def main(argv):
+    cfg = config.load(argv, __doc__, READS)
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:
         raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
     device = pick_device(cfg["device"])
     if device.type == "cpu":  # one character is too little work to share: more threads only wait on each other
         torch.set_num_threads(1)
     model, tokenizer = load_model(cfg, device)
-    if not 0 <= cfg["top_k"] <= tokenizer.vocab_size:
-        raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size}, or 0 for all")
-
-    prompt = cfg["prompt"]
-    ids = tokenizer.encode(prompt)
+    check_sampling(cfg, tokenizer.vocab_size)
+    ids = tokenizer.encode(cfg["prompt"])
     if tokenizer.unknown:
         print(f"warning: the prompt has characters outside the vocabulary, read as unknown: "
               f"{''.join(tokenizer.unknown)!r}", file=sys.stderr)
-    context = [EOS] + ids  # a story starts after an end-of-story token, as in training
     block_size = model.config.block_size
-    if len(context) > block_size:
+    if len(ids) + 1 > block_size:
         word = "character" if tokenizer.unit == "char" else "token"
         print(f"note: the prompt is longer than the model's {block_size}-{word} context; "
               f"it continues from the last {block_size} {word}s", file=sys.stderr)
-        context = context[-block_size:]
-
-    temperature = 0.0 if cfg["greedy"] else cfg["temperature"]
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    idx = torch.tensor([context] * cfg["num_samples"], dtype=torch.long, device=device)
-    outs = model.generate(idx, cfg["max_new_tokens"], temperature, cfg["top_k"],
-                          eos_id=None if cfg["ignore_eos"] else EOS, generator=generator)
-    texts = [prompt + tokenizer.decode(out[:-1] if out and out[-1] == EOS and not cfg["ignore_eos"] else out)
-             for out in outs]
-    print("\n---\n".join(texts))
-
+    texts = continuations(model, tokenizer, ids, cfg["max_new_tokens"], 0.0 if cfg["greedy"] else cfg["temperature"],
+                          cfg["top_k"], cfg["seed"], cfg["num_samples"], stop=not cfg["ignore_eos"])
+    print("\n---\n".join(cfg["prompt"] + text for text in texts))
 
 if __name__ == "__main__":
     config.command(main)

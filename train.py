@@ -35,7 +35,8 @@ from metrics import Metrics, plot_losses
 from config import UserError
 from device import autocast_for, compute_dtype, make_deterministic, matmul_rate, setup_distributed
 from model import GPT, GPTConfig, grow_vocabulary, pair_index
-from tokenizer import EOS, build_tokenizer, load_tokenizer
+from sample import continuations
+from tokenizer import build_tokenizer, load_tokenizer
 
 READS = ("data", "model", "training", "evaluation and progress", "checkpoints", "PROMPT", "TEMPERATURE", "TOP_K",
          "every command")  # for --help
@@ -83,14 +84,13 @@ def evaluate(model, batches, counts, device, autocast):
     return (total[0] / total[1]).item(), (total[0] / total[2]).item() / math.log(2)
 
 
-def sample(model, prompt, tokenizer, cfg, device, step, metrics):
+def sample(model, prompt, tokenizer, cfg, step, metrics):
     """Print and log a short continuation of PROMPT (prompt: its ids) to watch a run learn, drawn with a generator of
     its own seeded by the step: the run's random numbers stay untouched, and a resumed run draws the unbroken one's."""
     model.eval()
-    out = model.generate(torch.tensor([[EOS] + prompt], device=device), cfg["sample_chars"], cfg["temperature"],
-                         cfg["top_k"], eos_id=EOS, generator=torch.Generator().manual_seed(cfg["seed"] + step))[0]
+    text = cfg["prompt"] + continuations(model, tokenizer, prompt, cfg["sample_chars"], cfg["temperature"],
+                                         cfg["top_k"], cfg["seed"] + step)[0]
     model.train()
-    text = cfg["prompt"] + tokenizer.decode(out[:-1] if out and out[-1] == EOS else out)
     print("sample: " + text.replace("\n", "\n        "))
     metrics.log(step=step, sample=text)
 
@@ -171,7 +171,7 @@ def run(cfg, rank, world_size, device):
                 log_step, log_time = step, time.time()
             paused = time.time()  # sampling and evaluation are not training time
             if cfg["sample_interval"] and step % cfg["sample_interval"] == 0 and rank == 0:
-                sample(model, prompt, tokenizer, cfg, device, step, metrics)
+                sample(model, prompt, tokenizer, cfg, step, metrics)
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 val_loss, val_bpc = evaluate(model, val_batches, val_counts, device, autocast)
                 print(f"step {step}: val_loss {val_loss:.4f} nats/{unit} ({val_bpc:.4f} bits/char)")

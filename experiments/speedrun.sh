@@ -14,10 +14,12 @@ trap 'rm -rf "$tmp"' EXIT
 settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
-    # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth and
-    # the tenth, today's defaults (the fifth's hashed pair rows have no switch). before5: what the
-    # fifth to tenth records added, turned off; the first two records' weight decay, 0.1, comes after it.
-    before10="--rope=False"
+    # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth, the
+    # tenth and the eleventh, today's defaults (the fifth's hashed pair rows have no switch). before5:
+    # what the fifth to eleventh records added, turned off; the first two records' weight decay, 0.1,
+    # comes after it.
+    before11="--n_head=4"
+    before10="--rope=False $before11"
     before9="--shift_gate=False $before10"
     before8="--shift_reach=1 --attn_gate=False $before9"
     before5="--mlp_hidden=0 --bigram=0 --key_offset=False --swiglu=False --beta1=0.9 --beta2=0.99 --adam_eps=1e-8 --weight_decay=0 --shuffle=0 $before8"
@@ -31,6 +33,7 @@ if [ ${#settings[@]} -eq 0 ]; then
               "--mlp_hidden=179 $before8"
               "$before9 --mlp_hidden=177"
               "$before10 --mlp_hidden=176"
+              "$before11 --mlp_hidden=219"
               "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -174,9 +175,10 @@ def head_names(c):
 
 
 def as_bytes(weights, low=0.0, high=1.0):
-    """weights in [low, high] as one byte each (0-255), base64: the page's compact form of a picture."""
+    """weights in [low, high] as one byte each (0-255), deflated and base64: the page's compact form of a
+    picture (attention's weights are mostly near 0, and deflate takes them to a fraction)."""
     scaled = ((weights.float() - low) / (high - low) * 255).round().clamp(0, 255).to(torch.uint8)
-    return base64.b64encode(scaled.numpy().tobytes()).decode()
+    return base64.b64encode(zlib.compress(scaled.numpy().tobytes(), 9)).decode()
 
 
 def page(model, tokenizer, text, ids, views, tabs, samples, about):

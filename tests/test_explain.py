@@ -1,11 +1,13 @@
 """explain.py: the page's numbers are model.py's forward's, the page stands alone, and bad input is
 handled or refused in one line."""
 
+import base64
 import json
 import math
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,16 @@ def test_the_attribution_has_a_bar_for_each_term_of_the_stream_and_the_biases(tm
     _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom")  # rotary: no position embedding
     assert found["terms"] == ["token embedding", "token shift at the embedding", "bigram table",
                               "head 0", "head 1", "head 2", "head 3", "MLP", "biases, ln_f's too"]
+
+
+def test_each_heads_attention_rows_are_deflated_bytes_that_sum_to_one(tmp_path):
+    _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom saw a dog. Tom said hi.")
+    lengths = [j - start + 1 for j, start in enumerate(found["window"])]
+    for packed in found["attention"]:
+        weights = torch.tensor(list(zlib.decompress(base64.b64decode(packed)))) / 255
+        rows = weights.split(lengths)
+        assert len(weights) == sum(lengths)
+        assert all(abs(float(row.sum()) - 1) <= 0.5 * len(row) / 255 for row in rows)  # one byte rounds by 1/510
 
 
 @pytest.fixture(scope="module")

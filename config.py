@@ -169,6 +169,9 @@ def check(cfg, argv, inherited=()):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"--n_embd={cfg['n_embd']} does not split into --n_head={cfg['n_head']} heads: "
                         "make n_embd a multiple of n_head")
+    if cfg["rope"] and cfg["n_embd"] // cfg["n_head"] % 2:  # rotary turns pairs of a head's channels
+        raise UserError(f"--rope turns pairs of channels, and a head here has an odd number "
+                        f"({cfg['n_embd']} / {cfg['n_head']}): make n_embd / n_head even, or pass --rope=False")
     if cfg["stages"]:
         try:
             stages = [int(s) for s in cfg["stages"].split(",")]

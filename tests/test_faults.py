@@ -323,6 +323,7 @@ def test_debug_shows_the_traceback():
 
 @pytest.mark.parametrize("args, message", [
     (["--n_embd=100", "--n_head=3"], "does not split into --n_head=3 heads"),
+    (["--n_embd=100", "--n_head=4"], "a head here has an odd number \\(100 / 4\\)"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
     (["--shift_reach=0"], "--shift_reach must be positive"),

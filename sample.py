@@ -86,5 +86,6 @@ def main(argv):
                           cfg["top_k"], cfg["seed"], cfg["num_samples"], stop=not cfg["ignore_eos"])
     print("\n---\n".join(cfg["prompt"] + text for text in texts))
 
+
 if __name__ == "__main__":
     config.command(main)

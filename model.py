@@ -4,10 +4,11 @@ training, evaluation, sampling (GPT.generate, through a KVCache) and explain.py 
 all run it.
 
 Switches, all off in GPTConfig, the reference architecture: rotary positions instead of learned
-ones (rope), a SwiGLU MLP (swiglu), a head tied to the token embedding (tie_weights), the MLP's
-width (mlp_hidden), a gate on each attention head (attn_gate: a sigmoid of a learned projection
-of the sublayer's input, so a head can add nothing where its average has nothing to say), and
-three that hand the one block what it cannot easily find through attention's averages:
+ones (rope; with rope_half, half of each head's channel pairs not turned), a SwiGLU MLP (swiglu),
+a head tied to the token embedding (tie_weights), the MLP's width (mlp_hidden), a gate on each
+attention head (attn_gate: a sigmoid of a learned projection of the sublayer's input, so a head
+can add nothing where its average has nothing to say), and three that hand the one block what it
+cannot easily find through attention's averages:
 - token shift (token_shift, RWKV's name): the embedding and each sublayer's input get a learned
   per-channel share of the shift_reach positions before added; with shift_gate, scaled at each
   position by 2 sigmoid of a learned projection of that input, so a character takes more or less;
@@ -37,6 +38,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     rope: bool = False  # rotary position embeddings on queries and keys instead of a learned wpe
+    rope_half: bool = False  # rotary: half of each head's channel pairs not turned, the rest at 1 to 1/1024 a position
     swiglu: bool = False  # a SwiGLU MLP instead of GELU; by default of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
@@ -70,9 +72,12 @@ class Rotary(nn.Module):
     of a query or key is turned by an angle proportional to its position, so q . k depends on their
     distance."""
 
-    def __init__(self, head_dim, block_size, base=10000.0):
+    def __init__(self, head_dim, block_size, half=False):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        if half:  # modded-nanogpt's: half the pairs not turned, so they match content at any distance
+            turned = 1024 ** -torch.linspace(0, 1, head_dim // 4)
+            inv_freq = torch.cat((turned, torch.zeros(head_dim // 2 - len(turned))))
         angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, head_dim / 2)
         # The rotation as x * cos + (x's halves swapped) * sin, with sin's first half negated: two
         # products of the whole head instead of four of its halves. Not persistent: derived from
@@ -97,7 +102,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.c_gate = nn.Linear(config.n_embd, config.n_head) if config.attn_gate else None
-        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.rope else None
+        head_dim = config.n_embd // config.n_head
+        self.rotary = Rotary(head_dim, config.block_size, config.rope_half) if config.rope else None
         self.key_offset = config.key_offset
 
     def forward(self, x, cache=None, trace=None):

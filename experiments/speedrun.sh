@@ -15,10 +15,11 @@ settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
     # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth, the
-    # tenth and the eleventh, today's defaults (the fifth's hashed pair rows have no switch). before5:
-    # what the fifth to eleventh records added, turned off; the first two records' weight decay, 0.1,
-    # comes after it.
-    before11="--n_head=4"
+    # tenth, the eleventh and the twelfth, today's defaults (the fifth's hashed pair rows have no
+    # switch). before5: what the fifth to twelfth records added, turned off; the first two records'
+    # weight decay, 0.1, comes after it.
+    before12="--rope_half=False"
+    before11="--n_head=4 $before12"
     before10="--rope=False $before11"
     before9="--shift_gate=False $before10"
     before8="--shift_reach=1 --attn_gate=False $before9"
@@ -34,6 +35,7 @@ if [ ${#settings[@]} -eq 0 ]; then
               "$before9 --mlp_hidden=177"
               "$before10 --mlp_hidden=176"
               "$before11 --mlp_hidden=219"
+              "$before12"
               "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"

@@ -103,6 +103,19 @@ def test_rotary_turns_each_channel_pair_by_its_frequency_times_the_position():
     torch.testing.assert_close(Rotary(head_dim, 16)(x, start), torch.cat((turned.real, turned.imag), -1))
 
 
+def test_rope_half_leaves_half_of_each_heads_pairs_unturned_and_turns_the_rest_at_1_to_1_1024th_radian():
+    head_dim, start, T = 16, 3, 5
+    x = torch.randn(2, 4, T, head_dim)
+    out = Rotary(head_dim, 16, half=True)(x, start)
+    pair = lambda t, i: torch.complex(t[..., i], t[..., i + head_dim // 2])  # channels i and i + head_dim / 2
+    positions = torch.arange(start, start + T).float()
+    for i, radians_a_position in ((0, 1.0), (3, 1 / 1024)):  # the first and the last of the turned pairs
+        turned = pair(x, i) * torch.polar(torch.ones(T), positions * radians_a_position)
+        torch.testing.assert_close(pair(out, i), turned)
+    for i in range(4, 8):
+        assert torch.equal(pair(out, i), pair(x, i))
+
+
 def test_swiglu_keeps_the_parameter_count_within_one_percent():
     gelu, swiglu = GPT(GPTConfig(vocab_size=94)).num_params(), GPT(GPTConfig(vocab_size=94, swiglu=True)).num_params()
     assert abs(swiglu - gelu) / gelu < 0.01

@@ -17,8 +17,8 @@ cannot easily find through attention's averages:
 - key offset (key_offset): the first half of each head's key channels are the previous
   position's, so a query can match the character before a position and read the one at it: an
   induction head in one layer.
-config.py's recipe turns them all on, token shift reaching two back, with rotary positions, the
-attention gate and a SwiGLU MLP (docs/speedrun.md says why).
+config.py's recipe turns them all on, token shift reaching two back, with rotary positions (half
+of each head's pairs turned), the attention gate and a SwiGLU MLP (docs/speedrun.md says why).
 """
 
 import math

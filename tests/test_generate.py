@@ -19,8 +19,9 @@ def larger_weights(model):
 
 # small_model has two blocks: each switch is held to forward across n_layer > 1 too.
 SWITCHES = [{}, {"rope": True}, {"rope": True, "rope_half": True}, {"swiglu": True}, {"tie_weights": True},
-            {"token_shift": True}, {"mlp_hidden": 24}, {"bigram": 64}, {"key_offset": True}, {"key_offset": True, "rope": True, "token_shift": True},
-            {"token_shift": True, "shift_reach": 2}, {"attn_gate": True},
+            {"token_shift": True}, {"mlp_hidden": 24}, {"bigram": 64}, {"key_offset": True},
+            {"key_offset": True, "rope": True, "token_shift": True}, {"token_shift": True, "shift_reach": 2},
+            {"attn_gate": True},
             {"token_shift": True, "shift_reach": 3, "key_offset": True, "attn_gate": True},
             {"token_shift": True, "shift_reach": 2, "shift_gate": True}]
 

@@ -74,10 +74,11 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim, block_size, half=False):
         super().__init__()
-        inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
         if half:  # modded-nanogpt's: half the pairs not turned, so they match content at any distance
             turned = 1024 ** -torch.linspace(0, 1, head_dim // 4)
             inv_freq = torch.cat((turned, torch.zeros(head_dim // 2 - len(turned))))
+        else:
+            inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, head_dim / 2)
         # The rotation as x * cos + (x's halves swapped) * sin, with sin's first half negated: two
         # products of the whole head instead of four of its halves. Not persistent: derived from

@@ -31,6 +31,7 @@ N_EMBD = 128  # width of the residual stream
 DROPOUT = 0.0  # dropout probability in training
 ROPE = True  # rotary position embeddings in attention instead of learned ones (wpe, whose parameters the recipe spends on MLP_HIDDEN)
 ROPE_HALF = True  # rotary: half of each head's channel pairs not turned, the other half at 1 to 1/1024 radians a position
+ROPE_UNTURNED_FIRST = True  # ROPE_HALF's unturned half: each head's first half of channels (KEY_OFFSET's), the second turned in pairs of its own
 SWIGLU = True  # SwiGLU MLP instead of GELU: gate and value MLP_HIDDEN wide (0: 8/3 * N_EMBD, GELU's parameters at 4 * N_EMBD)
 TIE_WEIGHTS = False  # the output head shares the token embedding's weights
 TOKEN_SHIFT = True  # add to each position a learned share (per channel) of the previous one's embedding and sublayer inputs

@@ -4,11 +4,12 @@ training, evaluation, sampling (GPT.generate, through a KVCache) and explain.py 
 all run it.
 
 Switches, all off in GPTConfig, the reference architecture: rotary positions instead of learned
-ones (rope; with rope_half, half of each head's channel pairs not turned), a SwiGLU MLP (swiglu),
-a head tied to the token embedding (tie_weights), the MLP's width (mlp_hidden), a gate on each
-attention head (attn_gate: a sigmoid of a learned projection of the sublayer's input, so a head
-can add nothing where its average has nothing to say), and three that hand the one block what it
-cannot easily find through attention's averages:
+ones (rope; with rope_half, half of each head's channel pairs not turned; with rope_unturned_first,
+the first half of its channels), a SwiGLU MLP (swiglu), a head tied to the token embedding
+(tie_weights), the MLP's width (mlp_hidden), a gate on each attention head (attn_gate: a sigmoid of
+a learned projection of the sublayer's input, so a head can add nothing where its average has
+nothing to say), and three that hand the one block what it cannot easily find through attention's
+averages:
 - token shift (token_shift, RWKV's name): the embedding and each sublayer's input get a learned
   per-channel share of the shift_reach positions before added; with shift_gate, scaled at each
   position by 2 sigmoid of a learned projection of that input, so a character takes more or less;
@@ -17,8 +18,9 @@ cannot easily find through attention's averages:
 - key offset (key_offset): the first half of each head's key channels are the previous
   position's, so a query can match the character before a position and read the one at it: an
   induction head in one layer.
-config.py's recipe turns them all on, token shift reaching two back, with rotary positions (half
-of each head's pairs turned), the attention gate and a SwiGLU MLP (docs/speedrun.md says why).
+config.py's recipe turns them all on, token shift reaching two back, with rotary positions (the
+second half of each head's channels turned), the attention gate and a SwiGLU MLP (docs/speedrun.md
+says why).
 """
 
 import math
@@ -39,6 +41,7 @@ class GPTConfig:
     dropout: float = 0.0
     rope: bool = False  # rotary position embeddings on queries and keys instead of a learned wpe
     rope_half: bool = False  # rotary: half of each head's channel pairs not turned, the rest at 1 to 1/1024 a position
+    rope_unturned_first: bool = False  # rope_half's unturned half: each head's first channels (key offset's)
     swiglu: bool = False  # a SwiGLU MLP instead of GELU; by default of about the GELU MLP's parameter count
     tie_weights: bool = False  # lm_head uses wte's weights
     token_shift: bool = False  # add to each position a learned share of the previous one's embedding and sublayer inputs
@@ -68,18 +71,22 @@ class KVCache:
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings (Su et al., RoFormer): each pair of channels (i, i + head_dim / 2)
-    of a query or key is turned by an angle proportional to its position, so q . k depends on their
-    distance."""
+    """Rotary position embeddings (Su et al., RoFormer): each pair of channels (i, i + d / 2) of a
+    query or key's last d channels (all head_dim of them, but for unturned_first) is turned by an
+    angle proportional to its position, so q . k depends on their distance."""
 
-    def __init__(self, head_dim, block_size, half=False):
+    def __init__(self, head_dim, block_size, half=False, unturned_first=False):
         super().__init__()
+        # unturned_first: rope_half's unturned channels are the first half, key offset's, and the
+        # second half is turned in pairs of its own: the character before a key matches by content alone
+        self.skip = head_dim - 2 * (head_dim // 4) if half and unturned_first else 0
+        d = head_dim - self.skip
         if half:  # modded-nanogpt's: half the pairs not turned, so they match content at any distance
             turned = 1024 ** -torch.linspace(0, 1, head_dim // 4)
-            inv_freq = torch.cat((turned, torch.zeros(head_dim // 2 - len(turned))))
+            inv_freq = torch.cat((turned, torch.zeros(d // 2 - len(turned))))
         else:
-            inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, head_dim / 2)
+            inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, d / 2)
         # The rotation as x * cos + (x's halves swapped) * sin, with sin's first half negated: two
         # products of the whole head instead of four of its halves. Not persistent: derived from
         # the config, so checkpoints stay weights and moments only.
@@ -88,9 +95,11 @@ class Rotary(nn.Module):
 
     def forward(self, x, start):
         """x (..., T, head_dim) at positions start .. start + T - 1, rotated."""
+        kept, x = x[..., :self.skip], x[..., self.skip:]
         T, half = x.size(-2), x.size(-1) // 2
         swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-        return x * self.cos[start:start + T] + swapped * self.sin[start:start + T]
+        x = x * self.cos[start:start + T] + swapped * self.sin[start:start + T]
+        return torch.cat((kept, x), dim=-1) if self.skip else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,7 +113,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.c_gate = nn.Linear(config.n_embd, config.n_head) if config.attn_gate else None
         head_dim = config.n_embd // config.n_head
-        self.rotary = Rotary(head_dim, config.block_size, config.rope_half) if config.rope else None
+        self.rotary = Rotary(head_dim, config.block_size, config.rope_half,
+                             config.rope_unturned_first) if config.rope else None
         self.key_offset = config.key_offset
 
     def forward(self, x, cache=None, trace=None):

@@ -15,10 +15,11 @@ settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
     # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth, the
-    # tenth, the eleventh and the twelfth, today's defaults (the fifth's hashed pair rows have no
-    # switch). before5: what the fifth to twelfth records added, turned off; the first two records'
-    # weight decay, 0.1, comes after it.
-    before12="--rope_half=False"
+    # tenth, the eleventh, the twelfth and the thirteenth, today's defaults (the fifth's hashed pair
+    # rows have no switch). before5: what the fifth to thirteenth records added, turned off; the
+    # first two records' weight decay, 0.1, comes after it.
+    before13="--rope_unturned_first=False"
+    before12="--rope_half=False $before13"
     before11="--n_head=4 $before12"
     before10="--rope=False $before11"
     before9="--shift_gate=False $before10"
@@ -36,6 +37,7 @@ if [ ${#settings[@]} -eq 0 ]; then
               "$before10 --mlp_hidden=176"
               "$before11 --mlp_hidden=219"
               "$before12"
+              "$before13"
               "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"

@@ -19,6 +19,7 @@ def larger_weights(model):
 
 # small_model has two blocks: each switch is held to forward across n_layer > 1 too.
 SWITCHES = [{}, {"rope": True}, {"rope": True, "rope_half": True}, {"swiglu": True}, {"tie_weights": True},
+            {"rope": True, "rope_half": True, "rope_unturned_first": True, "key_offset": True},
             {"token_shift": True}, {"mlp_hidden": 24}, {"bigram": 64}, {"key_offset": True},
             {"key_offset": True, "rope": True, "token_shift": True}, {"token_shift": True, "shift_reach": 2},
             {"attn_gate": True},

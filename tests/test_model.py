@@ -116,6 +116,17 @@ def test_rope_half_leaves_half_of_each_heads_pairs_unturned_and_turns_the_rest_a
         assert torch.equal(pair(out, i), pair(x, i))
 
 
+def test_rope_unturned_first_leaves_each_heads_first_half_unturned_and_turns_the_second_in_pairs_of_its_own():
+    head_dim, start, T = 16, 3, 5
+    x = torch.randn(2, 4, T, head_dim)
+    out = Rotary(head_dim, 16, half=True, unturned_first=True)(x, start)
+    assert torch.equal(out[..., :8], x[..., :8])  # key offset's channels
+    pair = lambda t, i: torch.complex(t[..., 8 + i], t[..., 12 + i])  # channels 8 + i and 12 + i
+    positions = torch.arange(start, start + T).float()
+    for i, radians_a_position in ((0, 1.0), (3, 1 / 1024)):  # the first and the last pair
+        torch.testing.assert_close(pair(out, i), pair(x, i) * torch.polar(torch.ones(T), positions * radians_a_position))
+
+
 def test_swiglu_keeps_the_parameter_count_within_one_percent():
     gelu, swiglu = GPT(GPTConfig(vocab_size=94)).num_params(), GPT(GPTConfig(vocab_size=94, swiglu=True)).num_params()
     assert abs(swiglu - gelu) / gelu < 0.01

@@ -30,7 +30,7 @@ RUN = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size
        "--eval_chars=2000", "--warmup_steps=3", "--learning_rate=1e-2",
        # and the recipe of then, which today's defaults have moved on from
        "--mlp_hidden=0", "--bigram=0", "--key_offset=False", "--swiglu=False", "--shift_reach=1", "--attn_gate=False",
-       "--shift_gate=False", "--rope=False", "--rope_half=False"]
+       "--shift_gate=False", "--rope=False", "--rope_half=False", "--rope_unturned_first=False"]
 
 
 @pytest.fixture(scope="module")

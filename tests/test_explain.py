@@ -172,7 +172,7 @@ def test_a_greedy_story_is_the_pages_likeliest_character_at_every_step_as_genera
                          "--max_new_tokens=400")
     top = found["top_ids"][::len(found["top_ids"]) // len(found["bits"])]
     start = len("Once upon a time")
-    assert len(found["bits"]) > 300 and top[start:] == found["ids"][start:]
+    assert len(found["bits"]) > 2 * 128 and top[start:] == found["ids"][start:]  # well past the 128-character context
 
 
 def test_prompt_explains_the_models_own_continuation_of_it(tmp_path):
@@ -221,7 +221,8 @@ def test_a_bpe_checkpoints_tokens_are_shown_as_their_text(tmp_path, bpe_checkpoi
     _, found = explained(tmp_path, f"--checkpoint={bpe_checkpoint}", f"--text={text}")
     assert "".join(found["tokens"]) == text and len(found["tokens"]) < len(text)
     assert found["about"]["characters"] == len(text) and found["unknown"] == []
-    assert found["about"]["bits_per_char"] == pytest.approx(sum(found["bits"]) / len(text))
+    rounding = 5e-5 * len(found["bits"]) / len(text)  # the page holds each token's bits to 4 decimals
+    assert found["about"]["bits_per_char"] == pytest.approx(sum(found["bits"]) / len(text), abs=rounding)
 
 
 @pytest.mark.parametrize("damage", ["missing", "not a checkpoint"])

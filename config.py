@@ -43,7 +43,7 @@ ATTN_GATE = True  # each head's output scaled by a sigmoid of a learned projecti
 SHIFT_GATE = True  # at each position, token shift's shares scaled by 2 sigmoid of a learned projection (n_embd -> 1) of the input
 
 # --- training ---
-MAX_STEPS = 3405  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 3800  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
 BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory

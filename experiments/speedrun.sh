@@ -16,8 +16,9 @@ if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
     # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth, the
     # tenth, the eleventh, the twelfth and the thirteenth, today's defaults (the fifth's hashed pair
-    # rows have no switch). before5: what the fifth to thirteenth records added, turned off; the
-    # first two records' weight decay, 0.1, comes after it.
+    # rows have no switch; the fourteenth changed only the step count, which every row sets).
+    # before5: what the fifth to thirteenth records added, turned off; the first two records'
+    # weight decay, 0.1, comes after it.
     before13="--rope_unturned_first=False"
     before12="--rope_half=False $before13"
     before11="--n_head=4 $before12"

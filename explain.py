@@ -143,7 +143,12 @@ def tables(model, tokenizer):
     wte = model.transformer.wte.weight.float().cpu()
     centred = wte - wte.mean(0)
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
-    out = {"pca": (centred @ v[:2].T).tolist(), "pca_share": float((s[:2] ** 2).sum() / (s ** 2).sum())}
+    pca = [[round(x, 4) for x in xy] for xy in (centred @ v[:2].T).tolist()]  # 4 digits, as the page holds them
+    # The axes span the middle 96% of the ids, so that a few far out (ids training hardly moved) do
+    # not squash the rest: the page and --png draw those at the edge of this span, in grey.
+    low, high = math.floor(0.02 * (len(pca) - 1)), math.ceil(0.98 * (len(pca) - 1))
+    span = [[sorted(axis)[low], sorted(axis)[high]] for axis in zip(*pca)]
+    out = {"pca": pca, "pca_span": span, "pca_share": float((s[:2] ** 2).sum() / (s ** 2).sum())}
     if not model.config.rope:
         wpe = F.normalize(model.transformer.wpe.weight.float().cpu(), dim=1)
         out["positions"] = wpe @ wpe.T
@@ -196,7 +201,7 @@ def page(model, tokenizer, text, ids, views, tabs, samples, about):
         "top_ids": views["top_ids"].flatten().tolist(), "top_p": rounded(views["top_p"], 4),
         "terms": [label(t, c.n_layer) for t in views["terms"]], "shares": rounded(views["shares"], 4),
         "heads": head_names(c), "attention": [as_bytes(a) for a in views["attention"].flatten(0, 1)],
-        "pca": [[round(x, 4) for x in xy] for xy in tabs["pca"]], "pca_share": tabs["pca_share"],
+        "pca": tabs["pca"], "pca_span": tabs["pca_span"], "pca_share": tabs["pca_share"],
         "positions": as_bytes(tabs["positions"], -1, 1) if "positions" in tabs else None,
         "bigram": tabs.get("bigram"), "samples": samples,
     }
@@ -244,10 +249,13 @@ def write_pngs(folder, model, tokenizer, views, tabs):
         written.append(folder / name)
     fig = Figure(figsize=(8, 8))
     ax = fig.add_subplot()
-    xy = torch.tensor(tabs["pca"])
+    low, high = torch.tensor(tabs["pca_span"]).T  # (x, y) of the span's corners
+    xy = torch.tensor(tabs["pca"]).clamp(low, high)  # those beyond it at its edge, in grey as on the page
+    inside = (xy == torch.tensor(tabs["pca"])).all(1).tolist()
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="#bbb")
-    for (x, y), token in zip(xy.tolist(), (tokenizer.decode([i]) for i in range(tokenizer.vocab_size))):
-        ax.annotate(token if token.isprintable() and token.strip() else repr(token), (x, y), fontsize=7)
+    for (x, y), token, seen in zip(xy.tolist(), (tokenizer.decode([i]) for i in range(tokenizer.vocab_size)), inside):
+        ax.annotate(token if token.isprintable() and token.strip() else repr(token), (x, y), fontsize=7,
+                    color="black" if seen else "#aaa")
     ax.set_title(f"the {tokenizer.unit} embeddings along their two principal axes "
                  f"({tabs['pca_share']:.0%} of their variance)", fontsize=9)
     fig.savefig(folder / "embeddings.png", dpi=120)

@@ -254,6 +254,13 @@ def test_png_writes_each_picture_of_the_page(tmp_path, learned_positions_checkpo
     assert all((tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
 
 
+def test_the_embeddings_axes_span_the_middle_96_percent_of_the_ids(tmp_path):
+    _, found = explained(tmp_path, f"--checkpoint={SHIPPED}", "--text=Tom saw a dog.")
+    for axis, (low, high) in zip(zip(*found["pca"]), found["pca_span"], strict=True):
+        inside = sum(low <= v <= high for v in axis)
+        assert 0.96 * len(axis) <= inside < len(axis)  # the few far out do not set the axes
+
+
 def test_a_page_of_2000_characters_is_at_most_2_MB(tmp_path):
     stories = data.stories(data.open_split("tinystories", "validation"), lines=False)
     text = ""

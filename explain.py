@@ -147,7 +147,7 @@ def tables(model, tokenizer):
     # The axes span the middle 96% of the ids, so that a few far out (ids training hardly moved) do
     # not squash the rest: the page and --png draw those at the edge of this span, in grey.
     low, high = math.floor(0.02 * (len(pca) - 1)), math.ceil(0.98 * (len(pca) - 1))
-    span = [[sorted(axis)[low], sorted(axis)[high]] for axis in zip(*pca)]
+    span = [[axis[low], axis[high]] for axis in map(sorted, zip(*pca))]
     out = {"pca": pca, "pca_span": span, "pca_share": float((s[:2] ** 2).sum() / (s ** 2).sum())}
     if not model.config.rope:
         wpe = F.normalize(model.transformer.wpe.weight.float().cpu(), dim=1)
@@ -250,8 +250,9 @@ def write_pngs(folder, model, tokenizer, views, tabs):
     fig = Figure(figsize=(8, 8))
     ax = fig.add_subplot()
     low, high = torch.tensor(tabs["pca_span"]).T  # (x, y) of the span's corners
-    xy = torch.tensor(tabs["pca"]).clamp(low, high)  # those beyond it at its edge, in grey as on the page
-    inside = (xy == torch.tensor(tabs["pca"])).all(1).tolist()
+    pca = torch.tensor(tabs["pca"])
+    xy = pca.clamp(low, high)  # those beyond it at its edge, in grey as on the page
+    inside = (xy == pca).all(1).tolist()
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="#bbb")
     for (x, y), token, seen in zip(xy.tolist(), (tokenizer.decode([i]) for i in range(tokenizer.vocab_size)), inside):
         ax.annotate(token if token.isprintable() and token.strip() else repr(token), (x, y), fontsize=7,

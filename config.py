@@ -24,7 +24,7 @@ HOLDOUT_EVERY = 20  # with no validation split, every this-many-th training stor
 SHUFFLE = 10_000  # training reads the stories this many at a time, each run of them in a new random order every pass; 0: in order
 
 # --- model ---
-BLOCK_SIZE = 128  # tokens of context (characters, with the char tokenizer)
+BLOCK_SIZE = 256  # tokens of context (characters, with the char tokenizer); rotary positions cost no parameters
 N_LAYER = 1  # transformer blocks
 N_HEAD = 8  # attention heads per block (n_embd / n_head channels each)
 N_EMBD = 128  # width of the residual stream
@@ -43,9 +43,9 @@ ATTN_GATE = True  # each head's output scaled by a sigmoid of a learned projecti
 SHIFT_GATE = True  # at each position, token shift's shares scaled by 2 sigmoid of a learned projection (n_embd -> 1) of the input
 
 # --- training ---
-MAX_STEPS = 3800  # optimizer steps in all; may be raised on resume to train longer
+MAX_STEPS = 3320  # optimizer steps in all; may be raised on resume to train longer
 STAGES = ""  # steps of each stage, e.g. "30,30": fresh optimizer and schedule at each; sets MAX_STEPS
-BATCH_SIZE = 64  # windows of BLOCK_SIZE characters per micro-batch, per process
+BATCH_SIZE = 32  # windows of BLOCK_SIZE characters per micro-batch, per process
 GRAD_ACCUM_STEPS = 1  # micro-batches summed into each optimizer step, for a larger batch in the same memory
 LEARNING_RATE = 6e-3  # peak learning rate, reached after warmup
 MIN_LR = 0.0  # the decay ends here at MAX_STEPS

@@ -15,11 +15,12 @@ settings=("$@")
 if [ ${#settings[@]} -eq 0 ]; then
     # The first recipe, each change of the second record alone, and both (the second record); then
     # the third record, the fourth (token shift), the sixth, the seventh, the eighth, the ninth, the
-    # tenth, the eleventh, the twelfth and the thirteenth, today's defaults (the fifth's hashed pair
-    # rows have no switch; the fourteenth changed only the step count, which every row sets).
-    # before5: what the fifth to thirteenth records added, turned off; the first two records'
+    # tenth, the eleventh, the twelfth, the thirteenth and the fifteenth, today's defaults (the fifth's
+    # hashed pair rows have no switch; the fourteenth changed only the step count, which every row sets).
+    # before5: what the fifth to fifteenth records added, turned off; the first two records'
     # weight decay, 0.1, comes after it.
-    before13="--rope_unturned_first=False"
+    before15="--block_size=128 --batch_size=64"
+    before13="--rope_unturned_first=False $before15"
     before12="--rope_half=False $before13"
     before11="--n_head=4 $before12"
     before10="--rope=False $before11"
@@ -39,6 +40,7 @@ if [ ${#settings[@]} -eq 0 ]; then
               "$before11 --mlp_hidden=219"
               "$before12"
               "$before13"
+              "$before15"
               "")
 fi
 echo "| setting | steps | val loss (nats/char) | bits/char |"

@@ -26,7 +26,7 @@ from tokenizer import EOS, UNK, load_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "pretrained" / "tinystories-char.pt"
 QUICK = ["--device=cpu", "--max_new_tokens=20"]  # the samples short: they are not what these tests look at
-# Longer than the shipped model's 128 characters of context, so that the context slides.
+# Longer than the shipped model's 256 characters of context, so that the context slides.
 LONG = ("Once upon a time, there was a little girl named Lily. She loved to play with her toys and her friends. "
         "One day, she went to the park with her mom. They saw a big tree with a red ball in it. Lily wanted the "
         "ball, so she asked her mom for help. Her mom smiled and got the ball down. Lily was very happy.")
